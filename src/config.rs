@@ -1,0 +1,913 @@
+//! Configuration: figment layers (file, then `FAILOVER_PROXY_*` variables)
+//! read key by key into a validated [`Config`].
+//!
+//! Keys are read one at a time from the merged tree rather than through one
+//! big `#[derive(Deserialize)]`, so that every problem in a file is reported in
+//! the same run, each with the key and the file or variable it came from.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::value::{Dict, Value};
+use figment::{Figment, Metadata, Source};
+use serde::de::DeserializeOwned;
+
+/// Prefix of every environment variable that configures the proxy.
+pub const ENV_PREFIX: &str = "FAILOVER_PROXY_";
+/// The variable naming the config file; not itself a config key.
+pub const CONFIG_PATH_VAR: &str = "FAILOVER_PROXY_CONFIG";
+/// Where the config file is looked for when nothing names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/failover-proxy/failover-proxy.toml";
+
+/// Upper bound of the passive retry back-off (SPEC: "doubling, at most 30 s").
+pub const MAX_RETRY_DOWN_AFTER: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub routes: Vec<RouteConfig>,
+    pub resolver: ResolverConfig,
+    pub health: HealthConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub alias: Alias,
+    pub port: u16,
+    pub order: Order,
+    pub connect_timeout: Duration,
+    /// Zero means one attempt at a time.
+    pub attempt_delay: Duration,
+    pub max_connections: NonZeroU32,
+    /// `None` means never.
+    pub idle_timeout: Option<Duration>,
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    Listed,
+    RoundRobin,
+    Random,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Any,
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub fn admits(self, ip: IpAddr) -> bool {
+        match self {
+            Family::Any => true,
+            Family::Ipv4 => ip.is_ipv4(),
+            Family::Ipv6 => ip.is_ipv6(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolverConfig {
+    /// Empty: use the nameservers of `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+    /// `None`: hosts file lookups are off.
+    pub hosts_file: Option<PathBuf>,
+    pub family: Family,
+    pub timeout: Duration,
+    /// `None`: never use a stale answer.
+    pub stale_on_error: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// `None`: passive health only.
+    pub interval: Option<Duration>,
+    pub down_after: NonZeroU32,
+    pub up_after: NonZeroU32,
+    pub retry_down_after: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdminConfig {
+    /// `None`: no admin endpoint.
+    pub listen: Option<SocketAddr>,
+    pub allow_non_loopback: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShutdownConfig {
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeConfig {
+    /// 0: one per CPU core.
+    pub worker_threads: usize,
+}
+
+/// A cluster alias: an IP literal or a hostname as RFC 1123 defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Alias {
+    Ip(IpAddr),
+    Host(String),
+}
+
+impl Alias {
+    pub fn parse(s: &str) -> Result<Alias, String> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Alias::Ip(ip));
+        }
+        let name = s.strip_suffix('.').unwrap_or(s);
+        if name.is_empty() {
+            return Err("is empty; expected a hostname or an IP address".into());
+        }
+        if name.len() > 253 {
+            return Err(format!(
+                "{s:?} is {} characters long; a hostname has at most 253",
+                name.len()
+            ));
+        }
+        for label in name.split('.') {
+            if label.is_empty() {
+                return Err(format!("{s:?} has an empty label"));
+            }
+            if label.len() > 63 {
+                return Err(format!(
+                    "{s:?} has a label of {} characters; at most 63 are allowed",
+                    label.len()
+                ));
+            }
+            if let Some(c) = label
+                .chars()
+                .find(|c| !(c.is_ascii_alphanumeric() || *c == '-'))
+            {
+                return Err(format!(
+                    "{s:?} contains {c:?}; a hostname has only ASCII letters, digits, hyphens and dots"
+                ));
+            }
+            if label.starts_with('-') || label.ends_with('-') {
+                return Err(format!(
+                    "{s:?} has a label that starts or ends with a hyphen"
+                ));
+            }
+        }
+        Ok(Alias::Host(name.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for Alias {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Alias::Ip(ip) => ip.fmt(f),
+            Alias::Host(h) => f.write_str(h),
+        }
+    }
+}
+
+/// One problem with the configuration: which key, where it came from, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// `resolver.timeout`, `route[0].listen`; empty for the file as a whole.
+    pub key: String,
+    /// `file /path/to.toml`, `environment variable FAILOVER_PROXY_X`, ...
+    pub source: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.source, self.message)
+        } else {
+            write!(f, "{} ({}): {}", self.key, self.source, self.message)
+        }
+    }
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "invalid config: {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl ConfigError {
+    fn one(key: &str, source: String, message: String) -> Self {
+        ConfigError {
+            problems: vec![Problem {
+                key: key.into(),
+                source,
+                message,
+            }],
+        }
+    }
+}
+
+/// Which file to read, from the command line or the environment.
+pub fn config_path(cli: Option<&Path>, env_value: Option<std::ffi::OsString>) -> ConfigPath {
+    match (cli, env_value) {
+        (Some(p), _) => ConfigPath::Named(p.to_path_buf(), "--config".into()),
+        (None, Some(v)) if !v.is_empty() => ConfigPath::Named(v.into(), CONFIG_PATH_VAR.into()),
+        _ => ConfigPath::Default(PathBuf::from(DEFAULT_CONFIG_PATH)),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigPath {
+    /// Named by the user (the second field says how): it must exist.
+    Named(PathBuf, String),
+    /// The default location: read when present, else environment alone.
+    Default(PathBuf),
+}
+
+/// The layers SPEC fixes: the file, then `FAILOVER_PROXY_*` variables.
+/// Built-in defaults are applied key by key in [`from_figment`].
+pub fn figment(path: &ConfigPath) -> Result<Figment, ConfigError> {
+    let mut fig = Figment::new();
+    match path {
+        ConfigPath::Named(p, how) => {
+            if !p.is_file() {
+                return Err(ConfigError::one(
+                    "",
+                    format!("config file {} (named by {how})", p.display()),
+                    "does not exist or is not a file".into(),
+                ));
+            }
+            fig = fig.merge(Toml::file_exact(p));
+        }
+        ConfigPath::Default(p) => {
+            if p.exists() {
+                fig = fig.merge(Toml::file_exact(p));
+            }
+        }
+    }
+    Ok(fig.merge(env_provider()))
+}
+
+pub fn env_provider() -> Env {
+    Env::prefixed(ENV_PREFIX).split("__").ignore(&["config"])
+}
+
+/// Loads the configuration from a file path (or the default) and the
+/// process environment.
+pub fn load(path: &ConfigPath) -> Result<Config, ConfigError> {
+    from_figment(&figment(path)?)
+}
+
+/// Reads and validates every key of `fig`, reporting all problems at once.
+pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
+    let root = match fig.extract::<Value>() {
+        Ok(v) => v,
+        Err(e) => {
+            // A syntax error in the file (or an unreadable file) stops
+            // everything: there is no tree to read keys from.
+            let problems = e
+                .into_iter()
+                .map(|e| Problem {
+                    key: e.path.join("."),
+                    source: e
+                        .metadata
+                        .as_ref()
+                        .map(|m| describe_source(m, &e.path))
+                        .unwrap_or_else(|| "configuration".into()),
+                    message: e.kind.to_string(),
+                })
+                .collect();
+            return Err(ConfigError { problems });
+        }
+    };
+    let mut r = Reader {
+        fig,
+        problems: Vec::new(),
+    };
+    let empty = Dict::new();
+    let top = match &root {
+        Value::Dict(_, d) => d,
+        _ => &empty,
+    };
+    r.unknown_keys(
+        top,
+        "",
+        &[
+            "route", "resolver", "health", "admin", "log", "shutdown", "runtime",
+        ],
+    );
+
+    let resolver = {
+        let d = r.section(top, "resolver");
+        r.unknown_keys(
+            d,
+            "resolver",
+            &[
+                "nameservers",
+                "hosts_file",
+                "family",
+                "timeout",
+                "stale_on_error",
+            ],
+        );
+        let nameservers: Vec<String> = r.get(d, "resolver", "nameservers").unwrap_or_default();
+        let mut parsed = Vec::new();
+        for (i, ns) in nameservers.iter().enumerate() {
+            match parse_nameserver(ns) {
+                Ok(a) => parsed.push(a),
+                Err(m) => r.problem(d, "resolver", "nameservers", Some(i), m),
+            }
+        }
+        let hosts_file: String = r
+            .get(d, "resolver", "hosts_file")
+            .unwrap_or_else(|| "/etc/hosts".into());
+        let family = r
+            .choice(
+                d,
+                "resolver",
+                "family",
+                &[
+                    ("any", Family::Any),
+                    ("ipv4", Family::Ipv4),
+                    ("ipv6", Family::Ipv6),
+                ],
+            )
+            .unwrap_or(Family::Any);
+        let timeout = r.duration(d, "resolver", "timeout", secs(2));
+        if timeout.is_zero() {
+            r.problem(d, "resolver", "timeout", None, "must be more than 0s".into());
+        }
+        let stale = r.duration(d, "resolver", "stale_on_error", secs(300));
+        ResolverConfig {
+            nameservers: parsed,
+            hosts_file: (!hosts_file.is_empty()).then(|| PathBuf::from(hosts_file)),
+            family,
+            timeout,
+            stale_on_error: nonzero(stale),
+        }
+    };
+
+    let health = {
+        let d = r.section(top, "health");
+        r.unknown_keys(
+            d,
+            "health",
+            &["interval", "down_after", "up_after", "retry_down_after"],
+        );
+        let interval = r.duration(d, "health", "interval", secs(5));
+        let down_after = r.count(d, "health", "down_after", 1);
+        let up_after = r.count(d, "health", "up_after", 1);
+        let retry = r.duration(d, "health", "retry_down_after", secs(1));
+        if retry > MAX_RETRY_DOWN_AFTER {
+            r.problem(
+                d,
+                "health",
+                "retry_down_after",
+                None,
+                "must be at most 30s (the back-off ceiling)".into(),
+            );
+        }
+        HealthConfig {
+            interval: nonzero(interval),
+            down_after,
+            up_after,
+            retry_down_after: retry,
+        }
+    };
+
+    let admin = {
+        let d = r.section(top, "admin");
+        r.unknown_keys(d, "admin", &["listen", "allow_non_loopback"]);
+        let listen: String = r
+            .get(d, "admin", "listen")
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let allow: bool = r.get(d, "admin", "allow_non_loopback").unwrap_or(false);
+        let listen = if listen.is_empty() {
+            None
+        } else {
+            match listen.parse::<SocketAddr>() {
+                Ok(a) => {
+                    if !allow && !a.ip().is_loopback() {
+                        r.problem(d, "admin", "listen", None, non_loopback(a));
+                    }
+                    Some(a)
+                }
+                Err(e) => {
+                    r.problem(
+                        d,
+                        "admin",
+                        "listen",
+                        None,
+                        format!("{listen:?} is not an ip:port address: {e}"),
+                    );
+                    None
+                }
+            }
+        };
+        AdminConfig {
+            listen,
+            allow_non_loopback: allow,
+        }
+    };
+
+    let log = {
+        let d = r.section(top, "log");
+        r.unknown_keys(d, "log", &["level", "format"]);
+        let level: String = r.get(d, "log", "level").unwrap_or_else(|| "info".into());
+        if let Err(e) = level.parse::<tracing_subscriber::EnvFilter>() {
+            r.problem(
+                d,
+                "log",
+                "level",
+                None,
+                format!("{level:?} is not a log filter: {e}"),
+            );
+        }
+        let format = r
+            .choice(
+                d,
+                "log",
+                "format",
+                &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+            )
+            .unwrap_or(LogFormat::Text);
+        LogConfig { level, format }
+    };
+
+    let shutdown = {
+        let d = r.section(top, "shutdown");
+        r.unknown_keys(d, "shutdown", &["drain_timeout"]);
+        ShutdownConfig {
+            drain_timeout: r.duration(d, "shutdown", "drain_timeout", secs(30)),
+        }
+    };
+
+    let runtime = {
+        let d = r.section(top, "runtime");
+        r.unknown_keys(d, "runtime", &["worker_threads"]);
+        RuntimeConfig {
+            worker_threads: r.get(d, "runtime", "worker_threads").unwrap_or(0),
+        }
+    };
+
+    let routes = r.routes(top);
+
+    if r.problems.is_empty() {
+        Ok(Config {
+            routes,
+            resolver,
+            health,
+            admin,
+            log,
+            shutdown,
+            runtime,
+        })
+    } else {
+        Err(ConfigError {
+            problems: r.problems,
+        })
+    }
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+fn nonzero(d: Duration) -> Option<Duration> {
+    (!d.is_zero()).then_some(d)
+}
+
+fn non_loopback(a: SocketAddr) -> String {
+    format!(
+        "{a} is not a loopback address; set allow_non_loopback = true to listen on it (clients on other hosts could then use this proxy)"
+    )
+}
+
+fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    s.parse::<IpAddr>()
+        .map(|ip| SocketAddr::new(ip, 53))
+        .map_err(|_| format!("{s:?} is not \"ip\" or \"ip:port\""))
+}
+
+/// Describes where a value came from: a file path, or the real name of the
+/// environment variable (figment only says "`FAILOVER_PROXY_` environment
+/// variable(s)").
+fn describe_source(meta: &Metadata, path: &[String]) -> String {
+    match &meta.source {
+        Some(Source::File(p)) => format!("file {}", p.display()),
+        Some(Source::Custom(s)) => s.clone(),
+        Some(Source::Code(_)) => "built-in default".into(),
+        Some(other) => other.to_string(),
+        None if meta.name.contains("environment") => {
+            format!("environment variable {}", env_var_name(path))
+        }
+        None => meta.name.to_string(),
+    }
+}
+
+/// The variable that set `path`: the longest `FAILOVER_PROXY_A__B` that is
+/// set, since a whole section may come from one variable holding a table
+/// (`FAILOVER_PROXY_ROUTE='[{...}]'`).
+fn env_var_name(path: &[String]) -> String {
+    let keys: Vec<&String> = path
+        .iter()
+        .take_while(|k| !k.chars().all(|c| c.is_ascii_digit()))
+        .collect();
+    let name = |n: usize| {
+        let joined: Vec<String> = keys[..n].iter().map(|k| k.to_ascii_uppercase()).collect();
+        format!("{ENV_PREFIX}{}", joined.join("__"))
+    };
+    for n in (1..=keys.len()).rev() {
+        let candidate = name(n);
+        if std::env::var_os(&candidate).is_some() {
+            return candidate;
+        }
+    }
+    name(keys.len())
+}
+
+struct Reader<'a> {
+    fig: &'a Figment,
+    problems: Vec<Problem>,
+}
+
+impl Reader<'_> {
+    fn source_of(&self, value: Option<&Value>, path: &[String]) -> String {
+        value
+            .and_then(|v| self.fig.get_metadata(v.tag()))
+            .map(|m| describe_source(m, path))
+            .unwrap_or_else(|| "configuration".into())
+    }
+
+    fn push(&mut self, value: Option<&Value>, display_key: String, path: Vec<String>, message: String) {
+        let source = self.source_of(value, &path);
+        self.problems.push(Problem {
+            key: display_key,
+            source,
+            message,
+        });
+    }
+
+    /// Records a problem with `prefix.key` (element `index` of it, if given).
+    fn problem(&mut self, d: &Dict, prefix: &str, key: &str, index: Option<usize>, message: String) {
+        let value = d.get(key);
+        let value = match (value, index) {
+            (Some(Value::Array(_, a)), Some(i)) => a.get(i).or(value),
+            _ => value,
+        };
+        let mut display = join(prefix, key);
+        if let Some(i) = index {
+            display = format!("{display}[{i}]");
+        }
+        self.push(value, display, path_of(prefix, key), message);
+    }
+
+    fn section<'d>(&mut self, top: &'d Dict, name: &str) -> &'d Dict {
+        static EMPTY: std::sync::LazyLock<Dict> = std::sync::LazyLock::new(Dict::new);
+        match top.get(name) {
+            None => &EMPTY,
+            Some(Value::Dict(_, d)) => d,
+            Some(other) => {
+                self.push(
+                    Some(other),
+                    name.into(),
+                    vec![name.into()],
+                    format!("expected a table, found {}", other.to_actual()),
+                );
+                &EMPTY
+            }
+        }
+    }
+
+    fn unknown_keys(&mut self, d: &Dict, prefix: &str, known: &[&str]) {
+        for (k, v) in d {
+            if !known.contains(&k.as_str()) {
+                let mut expected = known.to_vec();
+                expected.sort_unstable();
+                self.push(
+                    Some(v),
+                    join(prefix, k),
+                    path_of(prefix, k),
+                    format!("unknown key; expected one of: {}", expected.join(", ")),
+                );
+            }
+        }
+    }
+
+    fn get<T: DeserializeOwned>(&mut self, d: &Dict, prefix: &str, key: &str) -> Option<T> {
+        let v = d.get(key)?;
+        match v.deserialize::<T>() {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.push(Some(v), join(prefix, key), path_of(prefix, key), e.kind.to_string());
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, d: &Dict, prefix: &str, key: &str, default: Duration) -> Duration {
+        #[derive(serde::Deserialize)]
+        #[serde(transparent)]
+        struct Human(#[serde(with = "humantime_serde")] Duration);
+        let Some(v) = d.get(key) else {
+            return default;
+        };
+        match v.deserialize::<Human>() {
+            Ok(h) => h.0,
+            Err(e) => {
+                let shown = match v {
+                    Value::String(_, s) => format!("{s:?}"),
+                    other => other.to_actual().to_string(),
+                };
+                self.push(
+                    Some(v),
+                    join(prefix, key),
+                    path_of(prefix, key),
+                    format!(
+                        "{shown} is not a duration: expected a string with a unit such as \"250ms\", \"2s\" or \"5m\" ({})",
+                        e.kind
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, d: &Dict, prefix: &str, key: &str, default: u32) -> NonZeroU32 {
+        let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
+        match self.get::<u32>(d, prefix, key) {
+            None => fallback,
+            Some(n) => NonZeroU32::new(n).unwrap_or_else(|| {
+                self.problem(d, prefix, key, None, "must be at least 1".into());
+                fallback
+            }),
+        }
+    }
+
+    fn choice<T: Copy>(&mut self, d: &Dict, prefix: &str, key: &str, options: &[(&str, T)]) -> Option<T> {
+        let s: String = self.get(d, prefix, key)?;
+        match options.iter().find(|(name, _)| *name == s) {
+            Some((_, t)) => Some(*t),
+            None => {
+                let names: Vec<&str> = options.iter().map(|(n, _)| *n).collect();
+                self.problem(
+                    d,
+                    prefix,
+                    key,
+                    None,
+                    format!("{s:?} is not one of: {}", names.join(", ")),
+                );
+                None
+            }
+        }
+    }
+
+    fn routes(&mut self, top: &Dict) -> Vec<RouteConfig> {
+        let items: &[Value] = match top.get("route") {
+            None => &[],
+            Some(Value::Array(_, a)) => a,
+            Some(other) => {
+                self.push(
+                    Some(other),
+                    "route".into(),
+                    vec!["route".into()],
+                    format!(
+                        "expected an array of tables ([[route]] in a file, or '[{{listen=..., alias=..., port=...}}]' in a variable), found {}",
+                        other.to_actual()
+                    ),
+                );
+                return Vec::new();
+            }
+        };
+        if items.is_empty() && top.get("route").is_none() {
+            self.problems.push(Problem {
+                key: "route".into(),
+                source: "configuration".into(),
+                message: format!(
+                    "no route is configured; add a [[route]] table to the file or set {ENV_PREFIX}ROUTE"
+                ),
+            });
+        }
+        let mut routes = Vec::new();
+        let mut listens = HashSet::new();
+        let mut names = HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            let prefix = format!("route[{i}]");
+            let d = match item {
+                Value::Dict(_, d) => d,
+                other => {
+                    self.push(
+                        Some(other),
+                        prefix,
+                        vec!["route".into()],
+                        format!("expected a table, found {}", other.to_actual()),
+                    );
+                    continue;
+                }
+            };
+            if let Some(r) = self.route(item, d, &prefix) {
+                if !listens.insert(r.listen) && r.listen.port() != 0 {
+                    self.problem(
+                        d,
+                        &prefix,
+                        "listen",
+                        None,
+                        format!("{} is used by an earlier route", r.listen),
+                    );
+                }
+                if !names.insert(r.name.clone()) {
+                    self.problem(
+                        d,
+                        &prefix,
+                        "name",
+                        None,
+                        format!(
+                            "{:?} is the name of an earlier route; names label metrics and must be unique",
+                            r.name
+                        ),
+                    );
+                }
+                routes.push(r);
+            }
+        }
+        routes
+    }
+
+    fn route(&mut self, item: &Value, d: &Dict, p: &str) -> Option<RouteConfig> {
+        self.unknown_keys(
+            d,
+            p,
+            &[
+                "name",
+                "listen",
+                "alias",
+                "port",
+                "order",
+                "connect_timeout",
+                "attempt_delay",
+                "max_connections",
+                "idle_timeout",
+                "allow_non_loopback",
+            ],
+        );
+        let before = self.problems.len();
+        let allow: bool = self.get(d, p, "allow_non_loopback").unwrap_or(false);
+        let listen = match self.get::<String>(d, p, "listen") {
+            None if !d.contains_key("listen") => {
+                self.missing(item, p, "listen", "an ip:port to listen on, such as \"127.0.0.1:41000\"");
+                None
+            }
+            None => None,
+            Some(s) => match s.parse::<SocketAddr>() {
+                Ok(a) if !allow && !a.ip().is_loopback() => {
+                    self.problem(d, p, "listen", None, non_loopback(a));
+                    None
+                }
+                Ok(a) => Some(a),
+                Err(e) => {
+                    self.problem(
+                        d,
+                        p,
+                        "listen",
+                        None,
+                        format!("{s:?} is not an ip:port address: {e}"),
+                    );
+                    None
+                }
+            },
+        };
+        let alias = match self.get::<String>(d, p, "alias") {
+            None if !d.contains_key("alias") => {
+                self.missing(item, p, "alias", "the cluster's hostname or an IP address");
+                None
+            }
+            None => None,
+            Some(s) => match Alias::parse(&s) {
+                Ok(a) => Some(a),
+                Err(m) => {
+                    self.problem(d, p, "alias", None, m);
+                    None
+                }
+            },
+        };
+        let port = match self.get::<u16>(d, p, "port") {
+            None if !d.contains_key("port") => {
+                self.missing(item, p, "port", "the servers' port, 1 to 65535");
+                None
+            }
+            None => None,
+            Some(0) => {
+                self.problem(d, p, "port", None, "must be 1 to 65535".into());
+                None
+            }
+            Some(n) => Some(n),
+        };
+        let order = self
+            .choice(
+                d,
+                p,
+                "order",
+                &[
+                    ("listed", Order::Listed),
+                    ("round-robin", Order::RoundRobin),
+                    ("random", Order::Random),
+                ],
+            )
+            .unwrap_or(Order::Listed);
+        let connect_timeout = self.duration(d, p, "connect_timeout", secs(2));
+        if connect_timeout.is_zero() {
+            self.problem(d, p, "connect_timeout", None, "must be more than 0s".into());
+        }
+        let attempt_delay = self.duration(d, p, "attempt_delay", Duration::from_millis(250));
+        let max_connections = self.count(d, p, "max_connections", 10_000);
+        let idle_timeout = self.duration(d, p, "idle_timeout", Duration::ZERO);
+        let name: Option<String> = self.get(d, p, "name");
+        if name.as_deref() == Some("") {
+            self.problem(d, p, "name", None, "must not be empty".into());
+        }
+        if self.problems.len() > before {
+            return None;
+        }
+        let alias = alias?;
+        Some(RouteConfig {
+            name: name.unwrap_or_else(|| alias.to_string()),
+            listen: listen?,
+            alias,
+            port: port?,
+            order,
+            connect_timeout,
+            attempt_delay,
+            max_connections,
+            idle_timeout: nonzero(idle_timeout),
+            allow_non_loopback: allow,
+        })
+    }
+
+    /// A required key is absent: the source named is that of its table.
+    fn missing(&mut self, table: &Value, prefix: &str, key: &str, what: &str) {
+        let source = self.source_of(Some(table), &path_of(prefix, key));
+        self.problems.push(Problem {
+            key: join(prefix, key),
+            source,
+            message: format!("is required: {what}"),
+        });
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.into()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+/// The figment path of `prefix.key`, with `route[3]` read as `route.3`.
+fn path_of(prefix: &str, key: &str) -> Vec<String> {
+    let mut path: Vec<String> = Vec::new();
+    for part in prefix.split('.').filter(|s| !s.is_empty()) {
+        match part.split_once('[') {
+            Some((name, rest)) => {
+                path.push(name.into());
+                path.push(rest.trim_end_matches(']').into());
+            }
+            None => path.push(part.into()),
+        }
+    }
+    path.push(key.into());
+    path
+}

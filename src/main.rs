@@ -1,0 +1,136 @@
+//! The `failover-proxy` binary: parse the command line, load the
+//! configuration (exit 2 if invalid), start logging, hand over to the library.
+
+use std::error::Error;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use failover_proxy::config::{self, CONFIG_PATH_VAR, Config};
+use failover_proxy::{Server, check, logging};
+
+#[derive(Parser, Debug)]
+#[command(name = "failover-proxy", version, about = "A localhost TCP failover sidecar: resolves a cluster alias on every connection and connects to the first healthy server.")]
+struct Cli {
+    /// Config file [default: $FAILOVER_PROXY_CONFIG, else /etc/failover-proxy/failover-proxy.toml]
+    #[arg(short, long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    /// Run the sidecar (the default)
+    Run,
+    /// Validate the config, resolve every alias now, try every address, print a table
+    Check,
+}
+
+const EXIT_UNREACHABLE: u8 = 1;
+const EXIT_FATAL: u8 = 1;
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let path = config::config_path(cli.config.as_deref(), std::env::var_os(CONFIG_PATH_VAR));
+    let config = match config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Err(e) = logging::init(&config.log, std::env::var("RUST_LOG").ok()) {
+        eprintln!("error: {}", chain(&e));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => run(config),
+        Command::Check => run_check(config),
+    }
+}
+
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    }
+}
+
+fn run(config: Config) -> ExitCode {
+    let rt = match runtime(config.runtime.worker_threads) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
+    };
+    rt.block_on(async move {
+        // Installed before binding, so a SIGTERM that arrives during start-up
+        // is a clean stop rather than the default kill.
+        let signals = match failover_proxy::Signals::install() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install signal handlers");
+                return ExitCode::from(EXIT_FATAL);
+            }
+        };
+        let server = match Server::bind(config) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %chain(&e), "cannot start");
+                eprintln!("error: {}", chain(&e));
+                return ExitCode::from(EXIT_FATAL);
+            }
+        };
+        tracing::info!(version = failover_proxy::VERSION, "failover-proxy started");
+        server.run(signals.recv()).await;
+        tracing::info!("stopped");
+        ExitCode::SUCCESS
+    })
+}
+
+fn run_check(config: Config) -> ExitCode {
+    let rt = match runtime(1) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
+    };
+    match rt.block_on(check::run(&config)) {
+        Ok(report) => {
+            print!("{}", report.table());
+            if report.all_reachable() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "no reachable address for route(s): {}",
+                    report.unreachable.join(", ")
+                );
+                ExitCode::from(EXIT_UNREACHABLE)
+            }
+        }
+        Err(e) => {
+            eprintln!("error: {}", chain(&e));
+            ExitCode::from(EXIT_FATAL)
+        }
+    }
+}
+
+/// "what failed: why: deeper why", the whole cause chain on one line.
+fn chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

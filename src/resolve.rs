@@ -1,0 +1,592 @@
+//! Resolution of a cluster alias on every connection: the hosts file first,
+//! then DNS, never a cache; the last good DNS answer only as a stale fallback
+//! when DNS itself fails.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use hickory_resolver::TokioResolver;
+use hickory_resolver::config::{
+    NameServerConfig, ResolveHosts, ResolverConfig as DnsConfig, ResolverOpts,
+    ServerOrderingStrategy,
+};
+use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::{DnsError, NetError};
+use hickory_resolver::proto::op::ResponseCode;
+use hickory_resolver::proto::rr::{RData, RecordType};
+
+use crate::config::{Alias, Family, ResolverConfig};
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Hosts,
+    Dns,
+    /// The last good DNS answer, used because DNS failed.
+    Stale,
+    /// The alias is an IP address: nothing to resolve.
+    Literal,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Hosts => "hosts",
+            Source::Dns => "dns",
+            Source::Stale => "stale",
+            Source::Literal => "literal",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub source: Source,
+    /// In the order to try them: file order, or A then AAAA as the server
+    /// gave them.
+    pub addrs: Vec<IpAddr>,
+    /// When this answer was obtained (for a stale answer: when DNS gave it).
+    pub at: SystemTime,
+}
+
+impl Answer {
+    pub fn socket_addrs(&self, port: u16) -> Vec<SocketAddr> {
+        self.addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+    }
+}
+
+/// Why an alias did not resolve. NXDOMAIN and an empty answer are answers:
+/// they are never replaced by a stale one.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("{alias} does not exist (nxdomain)")]
+    NxDomain { alias: String },
+    #[error("{alias} has no {family} address records")]
+    NoRecords { alias: String, family: &'static str },
+    #[error("resolving {alias} timed out after {after:?}")]
+    Timeout { alias: String, after: Duration },
+    #[error("dns server failure resolving {alias} (servfail)")]
+    ServFail { alias: String },
+    #[error("resolving {alias} failed")]
+    Other {
+        alias: String,
+        #[source]
+        source: NetError,
+    },
+}
+
+/// The `kind` label of `resolve_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolveErrorKind {
+    NxDomain,
+    NoRecords,
+    Timeout,
+    ServFail,
+    Other,
+}
+
+impl ResolveErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResolveErrorKind::NxDomain => "nxdomain",
+            ResolveErrorKind::NoRecords => "no_records",
+            ResolveErrorKind::Timeout => "timeout",
+            ResolveErrorKind::ServFail => "servfail",
+            ResolveErrorKind::Other => "other",
+        }
+    }
+
+    /// DNS could not be asked or did not answer: a stale answer may stand in.
+    pub fn is_failure(self) -> bool {
+        !matches!(self, ResolveErrorKind::NxDomain | ResolveErrorKind::NoRecords)
+    }
+}
+
+impl ResolveError {
+    pub fn kind(&self) -> ResolveErrorKind {
+        match self {
+            ResolveError::NxDomain { .. } => ResolveErrorKind::NxDomain,
+            ResolveError::NoRecords { .. } => ResolveErrorKind::NoRecords,
+            ResolveError::Timeout { .. } => ResolveErrorKind::Timeout,
+            ResolveError::ServFail { .. } => ResolveErrorKind::ServFail,
+            ResolveError::Other { .. } => ResolveErrorKind::Other,
+        }
+    }
+}
+
+/// A resolution outcome with what `resolve_*` metrics and logs need.
+#[derive(Debug)]
+pub struct Resolution {
+    pub result: Result<Answer, ResolveError>,
+    /// The DNS (or hosts) failure that a stale answer stands in for.
+    pub stale_because: Option<ResolveError>,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot read the system dns configuration (/etc/resolv.conf); set resolver.nameservers")]
+    SystemConf(#[source] NetError),
+    #[error("no dns nameserver configured: resolver.nameservers is empty and /etc/resolv.conf names none")]
+    NoNameservers,
+    #[error("cannot build the dns resolver")]
+    Build(#[source] NetError),
+}
+
+pub struct Resolver {
+    hosts: Option<HostsFile>,
+    dns: TokioResolver,
+    family: Family,
+    timeout: Duration,
+    stale_limit: Option<Duration>,
+    stale: Mutex<HashMap<String, (Vec<IpAddr>, Instant, SystemTime)>>,
+}
+
+impl fmt::Debug for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Resolver")
+            .field("hosts", &self.hosts.as_ref().map(|h| &h.path))
+            .field("family", &self.family)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Resolver {
+    /// Builds the resolver once; every lookup then goes to the network (or
+    /// the hosts file), since the DNS cache is off.
+    pub fn new(cfg: &ResolverConfig) -> Result<Resolver, BuildError> {
+        let (dns_cfg, mut opts) = if cfg.nameservers.is_empty() {
+            let (c, o) =
+                hickory_resolver::system_conf::read_system_conf().map_err(BuildError::SystemConf)?;
+            if c.name_servers().is_empty() {
+                return Err(BuildError::NoNameservers);
+            }
+            (c, o)
+        } else {
+            let servers = cfg
+                .nameservers
+                .iter()
+                .map(|a| {
+                    let mut ns = NameServerConfig::udp_and_tcp(a.ip());
+                    for c in &mut ns.connections {
+                        c.port = a.port();
+                    }
+                    ns
+                })
+                .collect();
+            (
+                DnsConfig::from_parts(None, Vec::new(), servers),
+                ResolverOpts::default(),
+            )
+        };
+        // No cache at all: a changed record must be seen by the next
+        // connection whatever its TTL (SPEC: Resolution 1).
+        opts.cache_size = 0;
+        // We read the hosts file ourselves: hickory reads it once at build
+        // time and mixes its per-type answers with DNS.
+        opts.use_hosts_file = ResolveHosts::Never;
+        opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
+        // Our own timeout bounds the whole resolution; one try per server
+        // within it.
+        opts.timeout = cfg.timeout;
+        opts.attempts = 0;
+        let mut builder = hickory_resolver::Resolver::builder_with_config(
+            dns_cfg,
+            TokioRuntimeProvider::default(),
+        );
+        *builder.options_mut() = opts;
+        let dns = builder.build().map_err(BuildError::Build)?;
+        Ok(Resolver {
+            hosts: cfg.hosts_file.as_deref().map(HostsFile::new),
+            dns,
+            family: cfg.family,
+            timeout: cfg.timeout,
+            stale_limit: cfg.stale_on_error,
+            stale: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Resolves `alias` now: hosts file, then DNS, then (on a DNS failure
+    /// only) the last good answer if it is recent enough.
+    pub async fn resolve(&self, alias: &Alias) -> Resolution {
+        let started = Instant::now();
+        let name = match alias {
+            Alias::Ip(ip) => {
+                let addrs = if self.family.admits(*ip) { vec![*ip] } else { Vec::new() };
+                let result = if addrs.is_empty() {
+                    Err(ResolveError::NoRecords {
+                        alias: ip.to_string(),
+                        family: family_name(self.family),
+                    })
+                } else {
+                    Ok(Answer {
+                        source: Source::Literal,
+                        addrs,
+                        at: SystemTime::now(),
+                    })
+                };
+                return Resolution {
+                    result,
+                    stale_because: None,
+                    elapsed: started.elapsed(),
+                };
+            }
+            Alias::Host(h) => h.as_str(),
+        };
+
+        if let Some(hosts) = &self.hosts
+            && let Some(ips) = hosts.lookup(name)
+        {
+            let addrs: Vec<IpAddr> = ips.into_iter().filter(|ip| self.family.admits(*ip)).collect();
+            let result = if addrs.is_empty() {
+                Err(ResolveError::NoRecords {
+                    alias: name.into(),
+                    family: family_name(self.family),
+                })
+            } else {
+                Ok(Answer {
+                    source: Source::Hosts,
+                    addrs,
+                    at: SystemTime::now(),
+                })
+            };
+            return Resolution {
+                result,
+                stale_because: None,
+                elapsed: started.elapsed(),
+            };
+        }
+
+        let result = match tokio::time::timeout(self.timeout, self.query_dns(name)).await {
+            Ok(r) => r,
+            Err(_) => Err(ResolveError::Timeout {
+                alias: name.into(),
+                after: self.timeout,
+            }),
+        };
+        let elapsed = started.elapsed();
+        match result {
+            Ok(addrs) => {
+                let at = SystemTime::now();
+                if self.stale_limit.is_some() {
+                    self.remember(name, &addrs, at);
+                }
+                Resolution {
+                    result: Ok(Answer {
+                        source: Source::Dns,
+                        addrs,
+                        at,
+                    }),
+                    stale_because: None,
+                    elapsed,
+                }
+            }
+            Err(e) if e.kind().is_failure() => match self.stale_answer(name) {
+                Some(answer) => Resolution {
+                    result: Ok(answer),
+                    stale_because: Some(e),
+                    elapsed,
+                },
+                None => Resolution {
+                    result: Err(e),
+                    stale_because: None,
+                    elapsed,
+                },
+            },
+            Err(e) => {
+                // NXDOMAIN or no records: the alias changed on purpose, so
+                // the old answer must not be used any more.
+                if self.stale_limit.is_some() {
+                    lock(&self.stale).remove(name);
+                }
+                Resolution {
+                    result: Err(e),
+                    stale_because: None,
+                    elapsed,
+                }
+            }
+        }
+    }
+
+    fn remember(&self, name: &str, addrs: &[IpAddr], at: SystemTime) {
+        let mut stale = lock(&self.stale);
+        match stale.get_mut(name) {
+            Some(entry) => {
+                if entry.0 != addrs {
+                    entry.0 = addrs.to_vec();
+                }
+                entry.1 = Instant::now();
+                entry.2 = at;
+            }
+            None => {
+                stale.insert(name.into(), (addrs.to_vec(), Instant::now(), at));
+            }
+        }
+    }
+
+    fn stale_answer(&self, name: &str) -> Option<Answer> {
+        let limit = self.stale_limit?;
+        let stale = lock(&self.stale);
+        let (addrs, when, at) = stale.get(name)?;
+        (when.elapsed() <= limit).then(|| Answer {
+            source: Source::Stale,
+            addrs: addrs.clone(),
+            at: *at,
+        })
+    }
+
+    async fn query_dns(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let want_a = self.family != Family::Ipv6;
+        let want_aaaa = self.family != Family::Ipv4;
+        let (a, aaaa) = tokio::join!(
+            async {
+                if want_a {
+                    Some(self.dns.lookup(name, RecordType::A).await)
+                } else {
+                    None
+                }
+            },
+            async {
+                if want_aaaa {
+                    Some(self.dns.lookup(name, RecordType::AAAA).await)
+                } else {
+                    None
+                }
+            }
+        );
+        let mut addrs = Vec::new();
+        let mut errors = Vec::new();
+        for r in [a, aaaa].into_iter().flatten() {
+            match r {
+                Ok(lookup) => addrs.extend(lookup.answers().iter().filter_map(|rec| match &rec.data {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                })),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !addrs.is_empty() {
+            return Ok(addrs);
+        }
+        // Nothing usable: an NXDOMAIN on either query settles it; a failure
+        // of either (timeout, servfail) beats "no records" from the other,
+        // since the failed one might have had the records.
+        let alias = || name.to_string();
+        if errors.iter().any(|e| e.is_nx_domain()) {
+            return Err(ResolveError::NxDomain { alias: alias() });
+        }
+        match errors.into_iter().find(|e| !e.is_no_records_found()) {
+            None => Err(ResolveError::NoRecords {
+                alias: alias(),
+                family: family_name(self.family),
+            }),
+            Some(NetError::Timeout) => Err(ResolveError::Timeout {
+                alias: alias(),
+                after: self.timeout,
+            }),
+            Some(NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))) => {
+                Err(ResolveError::ServFail { alias: alias() })
+            }
+            Some(source) => Err(ResolveError::Other {
+                alias: alias(),
+                source,
+            }),
+        }
+    }
+}
+
+fn family_name(f: Family) -> &'static str {
+    match f {
+        Family::Any => "ipv4 or ipv6",
+        Family::Ipv4 => "ipv4",
+        Family::Ipv6 => "ipv6",
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves plain data behind,
+    // still consistent enough to serve from.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The configured hosts file, re-parsed only when its metadata changes.
+struct HostsFile {
+    path: PathBuf,
+    cache: Mutex<HostsCache>,
+}
+
+#[derive(Default)]
+struct HostsCache {
+    stamp: Option<FileStamp>,
+    table: Arc<HostsTable>,
+    /// The last read error logged, so a missing file is reported once, not
+    /// once per connection.
+    last_error: Option<io::ErrorKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileStamp {
+    /// Timestamps are as coarse as the kernel's tick, so two writes of the
+    /// same length within one tick share a stamp. As git does with its index,
+    /// a file modified within the last second is not trusted to be unchanged
+    /// and is read again.
+    fn is_recent(&self) -> bool {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(i64::MAX);
+        now - self.mtime.0.max(self.ctime.0) <= 1
+    }
+
+    fn of(path: &Path) -> io::Result<FileStamp> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileStamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+impl HostsFile {
+    fn new(path: &Path) -> HostsFile {
+        HostsFile {
+            path: path.to_path_buf(),
+            cache: Mutex::new(HostsCache::default()),
+        }
+    }
+
+    /// The addresses of `name` in file order, or `None` when the file has
+    /// no line for it (or cannot be read: DNS is then asked, as the system
+    /// resolver would).
+    ///
+    /// The stat and the rare re-read are blocking calls on a local file of a
+    /// few KiB; handing them to a blocking thread would cost more than they do.
+    fn lookup(&self, name: &str) -> Option<Vec<IpAddr>> {
+        let table = {
+            let mut cache = lock(&self.cache);
+            match self.refresh(&mut cache) {
+                Ok(()) => cache.last_error = None,
+                Err(e) => {
+                    if cache.last_error != Some(e.kind()) {
+                        tracing::warn!(path = %self.path.display(), error = %e, "cannot read hosts file; using dns only");
+                        cache.last_error = Some(e.kind());
+                    }
+                    cache.stamp = None;
+                    cache.table = Arc::default();
+                }
+            }
+            cache.table.clone()
+        };
+        table.get(name).cloned()
+    }
+
+    fn refresh(&self, cache: &mut HostsCache) -> io::Result<()> {
+        let mut stamp = FileStamp::of(&self.path)?;
+        if cache.stamp == Some(stamp) && !stamp.is_recent() {
+            return Ok(());
+        }
+        // A file rewritten in place can change while we read it: read until
+        // the metadata is the same before and after, so a half-written list
+        // is never used.
+        for _ in 0..5 {
+            let text = std::fs::read(&self.path)?;
+            let after = FileStamp::of(&self.path)?;
+            if after == stamp {
+                cache.table = Arc::new(parse_hosts(&String::from_utf8_lossy(&text)));
+                cache.stamp = Some(stamp);
+                return Ok(());
+            }
+            stamp = after;
+        }
+        Err(io::Error::other(format!(
+            "{} kept changing while being read",
+            self.path.display()
+        )))
+    }
+}
+
+/// Name (lowercase, no trailing dot) to addresses in file order.
+pub type HostsTable = HashMap<String, Vec<IpAddr>>;
+
+/// Parses hosts-file text as the system resolver does: `IP name [alias...]`,
+/// `#` starts a comment, lines whose first field is not an IP are skipped.
+/// Every line naming a host counts, in file order.
+pub fn parse_hosts(text: &str) -> HostsTable {
+    let mut table: HostsTable = HashMap::new();
+    for line in text.lines() {
+        let line = line.split('#').next().unwrap_or("");
+        let mut fields = line.split_ascii_whitespace();
+        let Some(ip) = fields.next() else { continue };
+        // A zone index (fe80::1%eth0) cannot be dialled without its scope;
+        // such lines are skipped like other unusable ones.
+        let Ok(ip) = ip.parse::<IpAddr>() else { continue };
+        for name in fields {
+            let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+            let ips = table.entry(name).or_default();
+            if !ips.contains(&ip) {
+                ips.push(ip);
+            }
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_keeps_every_line_in_file_order() {
+        let t = parse_hosts(
+            "# cluster\n10.0.0.2 db.example db\n10.0.0.1\tDB.example. # second\n\n::1 db.example\nbogus db.example\n10.0.0.2 db.example\n",
+        );
+        let want: Vec<IpAddr> = vec![
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.1".parse().unwrap(),
+            "::1".parse().unwrap(),
+        ];
+        assert_eq!(t.get("db.example"), Some(&want));
+        assert_eq!(t.get("db").map(Vec::len), Some(1));
+        assert!(!t.contains_key("bogus"));
+        assert!(!t.contains_key("second"));
+    }
+
+    #[test]
+    fn hosts_file_edit_is_seen_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "127.0.0.1 a.test\n").unwrap();
+        let h = HostsFile::new(&path);
+        assert_eq!(h.lookup("a.test"), Some(vec!["127.0.0.1".parse().unwrap()]));
+        // Same length, same second: only the nanoseconds or inode differ.
+        std::fs::write(&path, "127.0.0.2 a.test\n").unwrap();
+        assert_eq!(h.lookup("a.test"), Some(vec!["127.0.0.2".parse().unwrap()]));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(h.lookup("a.test"), None);
+    }
+}
