@@ -96,7 +96,10 @@ pub async fn run(config: &Config) -> Result<Report, BuildError> {
     let mut rows = Vec::new();
     let mut unreachable = Vec::new();
     for (route, (_, route_rows)) in config.routes.iter().zip(per_route) {
-        if !route_rows.iter().any(|r| r.result == AttemptResult::Ok.as_str()) {
+        if !route_rows
+            .iter()
+            .any(|r| r.result == AttemptResult::Ok.as_str())
+        {
             unreachable.push(route.name.clone());
         }
         rows.extend(route_rows);

@@ -366,7 +366,13 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
             .unwrap_or(Family::Any);
         let timeout = r.duration(d, "resolver", "timeout", secs(2));
         if timeout.is_zero() {
-            r.problem(d, "resolver", "timeout", None, "must be more than 0s".into());
+            r.problem(
+                d,
+                "resolver",
+                "timeout",
+                None,
+                "must be more than 0s".into(),
+            );
         }
         let stale = r.duration(d, "resolver", "stale_on_error", secs(300));
         ResolverConfig {
@@ -573,7 +579,13 @@ impl Reader<'_> {
             .unwrap_or_else(|| "configuration".into())
     }
 
-    fn push(&mut self, value: Option<&Value>, display_key: String, path: Vec<String>, message: String) {
+    fn push(
+        &mut self,
+        value: Option<&Value>,
+        display_key: String,
+        path: Vec<String>,
+        message: String,
+    ) {
         let source = self.source_of(value, &path);
         self.problems.push(Problem {
             key: display_key,
@@ -583,7 +595,14 @@ impl Reader<'_> {
     }
 
     /// Records a problem with `prefix.key` (element `index` of it, if given).
-    fn problem(&mut self, d: &Dict, prefix: &str, key: &str, index: Option<usize>, message: String) {
+    fn problem(
+        &mut self,
+        d: &Dict,
+        prefix: &str,
+        key: &str,
+        index: Option<usize>,
+        message: String,
+    ) {
         let value = d.get(key);
         let value = match (value, index) {
             (Some(Value::Array(_, a)), Some(i)) => a.get(i).or(value),
@@ -633,7 +652,12 @@ impl Reader<'_> {
         match v.deserialize::<T>() {
             Ok(t) => Some(t),
             Err(e) => {
-                self.push(Some(v), join(prefix, key), path_of(prefix, key), e.kind.to_string());
+                self.push(
+                    Some(v),
+                    join(prefix, key),
+                    path_of(prefix, key),
+                    e.kind.to_string(),
+                );
                 None
             }
         }
@@ -678,7 +702,13 @@ impl Reader<'_> {
         }
     }
 
-    fn choice<T: Copy>(&mut self, d: &Dict, prefix: &str, key: &str, options: &[(&str, T)]) -> Option<T> {
+    fn choice<T: Copy>(
+        &mut self,
+        d: &Dict,
+        prefix: &str,
+        key: &str,
+        options: &[(&str, T)],
+    ) -> Option<T> {
         let s: String = self.get(d, prefix, key)?;
         match options.iter().find(|(name, _)| *name == s) {
             Some((_, t)) => Some(*t),
@@ -788,7 +818,12 @@ impl Reader<'_> {
         let allow: bool = self.get(d, p, "allow_non_loopback").unwrap_or(false);
         let listen = match self.get::<String>(d, p, "listen") {
             None if !d.contains_key("listen") => {
-                self.missing(item, p, "listen", "an ip:port to listen on, such as \"127.0.0.1:41000\"");
+                self.missing(
+                    item,
+                    p,
+                    "listen",
+                    "an ip:port to listen on, such as \"127.0.0.1:41000\"",
+                );
                 None
             }
             None => None,

@@ -142,7 +142,10 @@ impl Health {
 
     /// Down addresses with the time they went down.
     pub fn down_since(&self) -> Vec<(SocketAddr, SystemTime)> {
-        lock(&self.down).iter().map(|(a, d)| (*a, d.since)).collect()
+        lock(&self.down)
+            .iter()
+            .map(|(a, d)| (*a, d.since))
+            .collect()
     }
 }
 
@@ -170,20 +173,32 @@ mod tests {
         assert_eq!(p.first, Some(a[0]));
 
         tokio::time::advance(Duration::from_millis(999)).await;
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0], a[1]);
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0],
+            a[1]
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
         let p = h.plan(a.clone(), Order::Listed, Instant::now());
         assert_eq!(p.addrs, a, "retry due: back at its listed place");
         assert_eq!(p.retries, vec![a[0]]);
         // Only one connection gets the retry.
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0], a[1]);
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0],
+            a[1]
+        );
 
         // The retry fails: the wait doubles to 2 s.
         assert!(!h.mark_down(a[0], Instant::now()));
         tokio::time::advance(Duration::from_millis(1999)).await;
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0], a[1]);
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0],
+            a[1]
+        );
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0], a[0]);
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0],
+            a[0]
+        );
         assert!(h.mark_up(a[0]));
         assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).addrs, a);
     }
@@ -195,7 +210,10 @@ mod tests {
         h.mark_down(a[0], Instant::now());
         h.mark_down(a[0], Instant::now());
         tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).retries, vec![a[0]]);
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).retries,
+            vec![a[0]]
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -203,10 +221,20 @@ mod tests {
         let h = Health::new(Duration::ZERO);
         let a = addrs(2);
         h.mark_down(a[0], Instant::now());
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).retries, vec![a[0]]);
-        assert!(h.plan(a.clone(), Order::Listed, Instant::now()).retries.is_empty());
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).retries,
+            vec![a[0]]
+        );
+        assert!(
+            h.plan(a.clone(), Order::Listed, Instant::now())
+                .retries
+                .is_empty()
+        );
         h.release_retry(a[0]);
-        assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).retries, vec![a[0]]);
+        assert_eq!(
+            h.plan(a.clone(), Order::Listed, Instant::now()).retries,
+            vec![a[0]]
+        );
     }
 
     #[test]

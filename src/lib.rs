@@ -127,8 +127,12 @@ impl Server {
             tokio::spawn(async move {
                 let res = shared.resolver.resolve(&r.cfg.alias).await;
                 match res.result {
-                    Ok(a) => tracing::info!(route = %r.cfg.name, alias = %r.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved"),
-                    Err(e) => tracing::warn!(route = %r.cfg.name, alias = %r.cfg.alias, error = %e, "alias does not resolve yet"),
+                    Ok(a) => {
+                        tracing::info!(route = %r.cfg.name, alias = %r.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved")
+                    }
+                    Err(e) => {
+                        tracing::warn!(route = %r.cfg.name, alias = %r.cfg.alias, error = %e, "alias does not resolve yet")
+                    }
                 }
             });
             loops.push(tokio::spawn(listener::accept_loop(
@@ -149,7 +153,9 @@ impl Server {
         tracing::info!(drain_timeout = ?drain, "stopped accepting; draining open connections");
         match tokio::time::timeout(drain, drain_rx.recv()).await {
             Ok(_) => tracing::info!("all connections finished"),
-            Err(_) => tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections"),
+            Err(_) => {
+                tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections")
+            }
         }
     }
 }

@@ -21,7 +21,9 @@ pub enum LogError {
 /// passed in so that the rule "the variable wins" is testable.
 pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<(), LogError> {
     let filter = match rust_log.filter(|v| !v.is_empty()) {
-        Some(value) => EnvFilter::try_new(&value).map_err(|source| LogError::BadEnv { value, source })?,
+        Some(value) => {
+            EnvFilter::try_new(&value).map_err(|source| LogError::BadEnv { value, source })?
+        }
         // Validated when the config was loaded.
         None => EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")),
     };

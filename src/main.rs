@@ -10,7 +10,11 @@ use failover_proxy::config::{self, CONFIG_PATH_VAR, Config};
 use failover_proxy::{Server, check, logging};
 
 #[derive(Parser, Debug)]
-#[command(name = "failover-proxy", version, about = "A localhost TCP failover sidecar: resolves a cluster alias on every connection and connects to the first healthy server.")]
+#[command(
+    name = "failover-proxy",
+    version,
+    about = "A localhost TCP failover sidecar: resolves a cluster alias on every connection and connects to the first healthy server."
+)]
 struct Cli {
     /// Config file [default: $FAILOVER_PROXY_CONFIG, else /etc/failover-proxy/failover-proxy.toml]
     #[arg(short, long, global = true, value_name = "PATH")]
@@ -53,8 +57,12 @@ fn main() -> ExitCode {
 
 fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     match worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
         n => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .enable_all()

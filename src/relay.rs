@@ -75,8 +75,22 @@ pub async fn relay(
     // Milliseconds since `started` of the last byte moved; shared by both
     // directions so that traffic either way keeps the connection alive.
     let last = AtomicU64::new(0);
-    let up = pump(client, upstream, Side::Client, &counts.to_upstream, &last, started);
-    let down = pump(upstream, client, Side::Upstream, &counts.to_client, &last, started);
+    let up = pump(
+        client,
+        upstream,
+        Side::Client,
+        &counts.to_upstream,
+        &last,
+        started,
+    );
+    let down = pump(
+        upstream,
+        client,
+        Side::Upstream,
+        &counts.to_client,
+        &last,
+        started,
+    );
     tokio::pin!(up, down);
     let mut up_done = false;
     let mut down_done = false;

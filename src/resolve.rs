@@ -63,7 +63,10 @@ pub struct Answer {
 
 impl Answer {
     pub fn socket_addrs(&self, port: u16) -> Vec<SocketAddr> {
-        self.addrs.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+        self.addrs
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, port))
+            .collect()
     }
 }
 
@@ -110,7 +113,10 @@ impl ResolveErrorKind {
 
     /// DNS could not be asked or did not answer: a stale answer may stand in.
     pub fn is_failure(self) -> bool {
-        !matches!(self, ResolveErrorKind::NxDomain | ResolveErrorKind::NoRecords)
+        !matches!(
+            self,
+            ResolveErrorKind::NxDomain | ResolveErrorKind::NoRecords
+        )
     }
 }
 
@@ -137,9 +143,13 @@ pub struct Resolution {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("cannot read the system dns configuration (/etc/resolv.conf); set resolver.nameservers")]
+    #[error(
+        "cannot read the system dns configuration (/etc/resolv.conf); set resolver.nameservers"
+    )]
     SystemConf(#[source] NetError),
-    #[error("no dns nameserver configured: resolver.nameservers is empty and /etc/resolv.conf names none")]
+    #[error(
+        "no dns nameserver configured: resolver.nameservers is empty and /etc/resolv.conf names none"
+    )]
     NoNameservers,
     #[error("cannot build the dns resolver")]
     Build(#[source] NetError),
@@ -151,7 +161,16 @@ pub struct Resolver {
     family: Family,
     timeout: Duration,
     stale_limit: Option<Duration>,
-    stale: Mutex<HashMap<String, (Vec<IpAddr>, Instant, SystemTime)>>,
+    stale: Mutex<HashMap<String, LastGood>>,
+}
+
+/// The last good DNS answer of one alias.
+struct LastGood {
+    addrs: Vec<IpAddr>,
+    /// Monotonic, for the age limit.
+    when: Instant,
+    /// Wall clock, for `/status` and logs.
+    at: SystemTime,
 }
 
 impl fmt::Debug for Resolver {
@@ -169,8 +188,8 @@ impl Resolver {
     /// the hosts file), since the DNS cache is off.
     pub fn new(cfg: &ResolverConfig) -> Result<Resolver, BuildError> {
         let (dns_cfg, mut opts) = if cfg.nameservers.is_empty() {
-            let (c, o) =
-                hickory_resolver::system_conf::read_system_conf().map_err(BuildError::SystemConf)?;
+            let (c, o) = hickory_resolver::system_conf::read_system_conf()
+                .map_err(BuildError::SystemConf)?;
             if c.name_servers().is_empty() {
                 return Err(BuildError::NoNameservers);
             }
@@ -225,7 +244,11 @@ impl Resolver {
         let started = Instant::now();
         let name = match alias {
             Alias::Ip(ip) => {
-                let addrs = if self.family.admits(*ip) { vec![*ip] } else { Vec::new() };
+                let addrs = if self.family.admits(*ip) {
+                    vec![*ip]
+                } else {
+                    Vec::new()
+                };
                 let result = if addrs.is_empty() {
                     Err(ResolveError::NoRecords {
                         alias: ip.to_string(),
@@ -250,7 +273,10 @@ impl Resolver {
         if let Some(hosts) = &self.hosts
             && let Some(ips) = hosts.lookup(name)
         {
-            let addrs: Vec<IpAddr> = ips.into_iter().filter(|ip| self.family.admits(*ip)).collect();
+            let addrs: Vec<IpAddr> = ips
+                .into_iter()
+                .filter(|ip| self.family.admits(*ip))
+                .collect();
             let result = if addrs.is_empty() {
                 Err(ResolveError::NoRecords {
                     alias: name.into(),
@@ -323,16 +349,15 @@ impl Resolver {
 
     fn remember(&self, name: &str, addrs: &[IpAddr], at: SystemTime) {
         let mut stale = lock(&self.stale);
+        let entry = LastGood {
+            addrs: addrs.to_vec(),
+            when: Instant::now(),
+            at,
+        };
         match stale.get_mut(name) {
-            Some(entry) => {
-                if entry.0 != addrs {
-                    entry.0 = addrs.to_vec();
-                }
-                entry.1 = Instant::now();
-                entry.2 = at;
-            }
+            Some(old) => *old = entry,
             None => {
-                stale.insert(name.into(), (addrs.to_vec(), Instant::now(), at));
+                stale.insert(name.into(), entry);
             }
         }
     }
@@ -340,11 +365,11 @@ impl Resolver {
     fn stale_answer(&self, name: &str) -> Option<Answer> {
         let limit = self.stale_limit?;
         let stale = lock(&self.stale);
-        let (addrs, when, at) = stale.get(name)?;
-        (when.elapsed() <= limit).then(|| Answer {
+        let last = stale.get(name)?;
+        (last.when.elapsed() <= limit).then(|| Answer {
             source: Source::Stale,
-            addrs: addrs.clone(),
-            at: *at,
+            addrs: last.addrs.clone(),
+            at: last.at,
         })
     }
 
@@ -371,11 +396,13 @@ impl Resolver {
         let mut errors = Vec::new();
         for r in [a, aaaa].into_iter().flatten() {
             match r {
-                Ok(lookup) => addrs.extend(lookup.answers().iter().filter_map(|rec| match &rec.data {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                    _ => None,
-                })),
+                Ok(lookup) => {
+                    addrs.extend(lookup.answers().iter().filter_map(|rec| match &rec.data {
+                        RData::A(a) => Some(IpAddr::V4(a.0)),
+                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                        _ => None,
+                    }))
+                }
                 Err(e) => errors.push(e),
             }
         }
@@ -544,7 +571,9 @@ pub fn parse_hosts(text: &str) -> HostsTable {
         let Some(ip) = fields.next() else { continue };
         // A zone index (fe80::1%eth0) cannot be dialled without its scope;
         // such lines are skipped like other unusable ones.
-        let Ok(ip) = ip.parse::<IpAddr>() else { continue };
+        let Ok(ip) = ip.parse::<IpAddr>() else {
+            continue;
+        };
         for name in fields {
             let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
             let ips = table.entry(name).or_default();

@@ -98,7 +98,15 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
                 "connection reset: alias did not resolve"
             );
             reset(client);
-            log_end(&route, peer, None, &[], &Counts::default(), started, Outcome::ResolveFailed);
+            log_end(
+                &route,
+                peer,
+                None,
+                &[],
+                &Counts::default(),
+                started,
+                Outcome::ResolveFailed,
+            );
             return;
         }
     };
@@ -154,7 +162,15 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
             "connection reset: no server reachable"
         );
         reset(client);
-        log_end(&route, peer, None, &attempts, &Counts::default(), started, Outcome::NoUpstream);
+        log_end(
+            &route,
+            peer,
+            None,
+            &attempts,
+            &Counts::default(),
+            started,
+            Outcome::NoUpstream,
+        );
         return;
     };
     if plan.first.is_some_and(|f| f != addr) {
@@ -173,7 +189,15 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
     if let Some(e) = error {
         tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
     }
-    log_end(&route, peer, Some(addr), &attempts, &counts, started, Outcome::Relayed(end));
+    log_end(
+        &route,
+        peer,
+        Some(addr),
+        &attempts,
+        &counts,
+        started,
+        Outcome::Relayed(end),
+    );
 }
 
 /// Closes with RST so the client sees a refused-like failure at once.

@@ -1,0 +1,353 @@
+//! The real binary: exit codes, `check`, environment-only configuration,
+//! and the SIGTERM drain.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_failover-proxy");
+
+/// A command for the binary with none of this process's FAILOVER_PROXY_*
+/// or RUST_LOG variables leaking in.
+fn bin() -> Command {
+    let mut c = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FAILOVER_PROXY_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c.stdin(Stdio::null());
+    c
+}
+
+struct Running {
+    child: Child,
+    lines: std_mpsc::Receiver<String>,
+}
+
+impl Running {
+    fn spawn(config: &Path) -> Running {
+        let mut child = bin()
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn failover-proxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits for a log line containing `needle`; the timeout only stops a hang.
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle:?}"),
+            }
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        // The shell's built-in kill: no procps package needed.
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{sig} {}", self.child.id()))
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    fn wait_exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st.code().expect("exited by a signal, not cleanly");
+            }
+            assert!(std::time::Instant::now() < deadline, "proxy did not exit");
+            // Exit is only observable by polling the child.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `"listen":"127.0.0.1:PORT"` from a JSON log line.
+fn listen_addr(line: &str) -> SocketAddr {
+    let start = line.find("\"listen\":\"").expect("listen field") + 10;
+    let end = start + line[start..].find('"').expect("end quote");
+    line[start..end].parse().expect("listen address")
+}
+
+fn write_config(
+    dir: &Path,
+    alias_ip: std::net::IpAddr,
+    port: u16,
+    extra: &str,
+) -> std::path::PathBuf {
+    let hosts = dir.join("hosts");
+    std::fs::write(&hosts, format!("{alias_ip} cluster.test\n")).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {port}\n\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n\n[log]\nformat = \"json\"\n{extra}",
+            hosts.display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_drains_open_connections() {
+    let b = backend(ip(51), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        ip(51),
+        b.addr.port(),
+        "[shutdown]\ndrain_timeout = \"5m\"\n",
+    );
+    let mut p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+
+    let (id, mut open) = within("first connection", served_by(addr)).await.unwrap();
+    assert_eq!(id, "b");
+    p.signal("TERM");
+    p.wait_line("stopped accepting");
+
+    let refused = TcpStream::connect(addr).await;
+    assert_eq!(
+        refused.map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "new connections must be refused once SIGTERM is received"
+    );
+    // The open connection keeps working during the drain.
+    open.write_all(b"still here").await.unwrap();
+    let mut echo = [0u8; 10];
+    within("echo during drain", open.read_exact(&mut echo))
+        .await
+        .unwrap();
+    assert_eq!(&echo, b"still here");
+    open.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("end of the drained connection", open.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    // drain_timeout is 5 minutes: exiting within HANG means the proxy
+    // noticed the last connection finish.
+    assert_eq!(p.wait_exit(), 0);
+    p.wait_line("all connections finished");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_timeout_bounds_the_wait_for_open_connections() {
+    let b = backend(ip(52), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        ip(52),
+        b.addr.port(),
+        "[shutdown]\ndrain_timeout = \"200ms\"\n",
+    );
+    let mut p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    let (_, mut open) = within("connection", served_by(addr)).await.unwrap();
+    p.signal("INT");
+    p.wait_line("drain timeout");
+    assert_eq!(p.wait_exit(), 0);
+    // The held connection was closed with the process.
+    let mut rest = Vec::new();
+    let _ = within("closed connection", open.read_to_end(&mut rest)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_address_in_use_exits_1_naming_it() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n"),
+    )
+    .unwrap();
+    let out = bin().arg("-c").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&addr.to_string()), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_config_exits_2_with_one_line_per_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        "[[route]]\nlisten = \"10.1.2.3:41000\"\nalias = \"bad_alias\"\nport = 41000\nattempt_delay = \"soon\"\n[nonsense]\n",
+    )
+    .unwrap();
+    for cmd in [None, Some("check")] {
+        let mut c = bin();
+        if let Some(cmd) = cmd {
+            c.arg(cmd);
+        }
+        let out = c.arg("-c").arg(&cfg).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{cmd:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 4, "{err}");
+        for key in [
+            "route[0].listen",
+            "route[0].alias",
+            "route[0].attempt_delay",
+            "nonsense",
+        ] {
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.contains(key) && l.contains(&*cfg.to_string_lossy())),
+                "{key} with its file in: {err}"
+            );
+        }
+    }
+    let out = bin()
+        .arg("-c")
+        .arg(dir.path().join("absent.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = bin().arg("--no-such-flag").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_exit_codes_and_table() {
+    let b = backend(ip(53), "b").await;
+    let (_hold, dead) = refusing(ip(54));
+    let dns = DnsServer::start().await;
+    dns.records("cluster.test", &[ip(54), ip(53)]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let route = |name: &str, alias: &str, port: u16, listen: u16| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:{listen}\"\nalias = \"{alias}\"\nport = {port}\nconnect_timeout = \"2s\"\n"
+        )
+    };
+    let resolver = format!(
+        "[resolver]\nnameservers = [\"{}\"]\nhosts_file = \"\"\n",
+        dns.addr
+    );
+
+    // The DNS answer has a refusing address then a live one: reachable.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{resolver}",
+            route("good", "cluster.test", b.addr.port(), 41001)
+        ),
+    )
+    .unwrap();
+    let out = bin().arg("check").arg("-c").arg(&cfg).output().unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{table}");
+    let header = table.lines().next().unwrap();
+    for col in ["route", "address", "source", "result", "time_ms"] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        table.lines().any(|l| l.contains("good")
+            && l.contains(&format!("{}:{}", ip(53), b.addr.port()))
+            && l.contains("dns")
+            && l.contains(" ok ")),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains(&format!("{}:{}", ip(54), b.addr.port())) && l.contains("refused")),
+        "{table}"
+    );
+
+    // Add a route whose only address refuses: exit 1, the route named.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}{resolver}",
+            route("good", "cluster.test", b.addr.port(), 41001),
+            route("dead", &ip(54).to_string(), dead.port(), 41002)
+        ),
+    )
+    .unwrap();
+    let out = bin().arg("check").arg("-c").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dead"));
+
+    // An alias that does not exist: exit 1 too.
+    std::fs::write(
+        &cfg,
+        format!("{}{resolver}", route("gone", "gone.test", 80, 41001)),
+    )
+    .unwrap();
+    let out = bin().arg("check").arg("-c").arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nxdomain"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_only_configuration_runs_check() {
+    let b = backend(ip(55), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.55 cluster.test\n").unwrap();
+    let out = bin()
+        .arg("check")
+        .env(
+            "FAILOVER_PROXY_ROUTE",
+            format!(
+                r#"[{{listen="127.0.0.1:41000", alias="cluster.test", port={}}}]"#,
+                b.addr.port()
+            ),
+        )
+        .env("FAILOVER_PROXY_RESOLVER__HOSTS_FILE", &hosts)
+        .env("FAILOVER_PROXY_RESOLVER__NAMESERVERS", r#"["127.0.0.1:9"]"#)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{table}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(table.contains("hosts") && table.contains(" ok "), "{table}");
+}

@@ -1,0 +1,328 @@
+//! Test fixtures: an in-process DNS server whose answers a test can change,
+//! backends on 127.0.0.x port 0, and the proxy run in-process.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use failover_proxy::{Config, Server, config};
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+/// Only stops a hung test; never what a test waits for.
+pub const HANG: Duration = Duration::from_secs(20);
+
+pub async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(HANG, f)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// What the test DNS server does for one name.
+#[derive(Debug, Clone)]
+pub enum Behavior {
+    /// Answer with these addresses (A for IPv4, AAAA for IPv6), in order.
+    Records(Vec<IpAddr>, u32),
+    NxDomain,
+    ServFail,
+    /// Never answer.
+    Silent,
+}
+
+/// A DNS server on 127.0.0.1 (UDP), built on hickory-proto, whose answers
+/// the test changes between connections.
+pub struct DnsServer {
+    pub addr: SocketAddr,
+    zone: Arc<Mutex<HashMap<String, Behavior>>>,
+    queries: Arc<Mutex<u64>>,
+    task: JoinHandle<()>,
+}
+
+impl DnsServer {
+    pub async fn start() -> DnsServer {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
+        let addr = socket.local_addr().expect("dns addr");
+        let zone: Arc<Mutex<HashMap<String, Behavior>>> = Arc::default();
+        let queries: Arc<Mutex<u64>> = Arc::default();
+        let (z, q) = (zone.clone(), queries.clone());
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    return;
+                };
+                *q.lock().unwrap() += 1;
+                let Ok(req) = Message::from_vec(&buf[..n]) else {
+                    continue;
+                };
+                let Some(query) = req.queries.first().cloned() else {
+                    continue;
+                };
+                let name = query
+                    .name()
+                    .to_ascii()
+                    .trim_end_matches('.')
+                    .to_ascii_lowercase();
+                let behavior = z
+                    .lock()
+                    .unwrap()
+                    .get(&name)
+                    .cloned()
+                    .unwrap_or(Behavior::NxDomain);
+                let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+                resp.metadata.recursion_desired = req.metadata.recursion_desired;
+                resp.metadata.recursion_available = true;
+                resp.metadata.authoritative = true;
+                resp.add_query(query.clone());
+                match behavior {
+                    Behavior::Silent => continue,
+                    Behavior::NxDomain => resp.metadata.response_code = ResponseCode::NXDomain,
+                    Behavior::ServFail => resp.metadata.response_code = ResponseCode::ServFail,
+                    Behavior::Records(ips, ttl) => {
+                        for ip in ips {
+                            let rdata = match (ip, query.query_type()) {
+                                (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
+                                (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
+                                _ => continue,
+                            };
+                            resp.add_answer(Record::from_rdata(query.name().clone(), ttl, rdata));
+                        }
+                    }
+                }
+                if let Ok(bytes) = resp.to_vec() {
+                    let _ = socket.send_to(&bytes, from).await;
+                }
+            }
+        });
+        DnsServer {
+            addr,
+            zone,
+            queries,
+            task,
+        }
+    }
+
+    pub fn set(&self, name: &str, b: Behavior) {
+        self.zone
+            .lock()
+            .unwrap()
+            .insert(name.to_ascii_lowercase(), b);
+    }
+
+    pub fn records(&self, name: &str, ips: &[IpAddr]) {
+        self.set(name, Behavior::Records(ips.to_vec(), 3600));
+    }
+
+    pub fn queries(&self) -> u64 {
+        *self.queries.lock().unwrap()
+    }
+
+    /// Stops answering and closes the socket: the port is gone.
+    pub fn stop(self) {
+        self.task.abort();
+    }
+}
+
+pub fn ip(last: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, last))
+}
+
+/// A backend that writes `id` and a newline to every client, then echoes
+/// until the client finishes, then closes. Connections served are counted
+/// on the returned channel.
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub served: mpsc::UnboundedReceiver<SocketAddr>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn backend(at: IpAddr, id: &str) -> Backend {
+    backend_on(SocketAddr::new(at, 0), id).await
+}
+
+pub async fn backend_on(addr: SocketAddr, id: &str) -> Backend {
+    let listener = TcpListener::bind(addr).await.expect("bind backend");
+    serve_backend(listener, id)
+}
+
+pub fn serve_backend(listener: TcpListener, id: &str) -> Backend {
+    let addr = listener.local_addr().expect("backend addr");
+    let (tx, served) = mpsc::unbounded_channel();
+    let id = format!("{id}\n");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, peer)) = listener.accept().await else {
+                return;
+            };
+            let _ = tx.send(peer);
+            let id = id.clone();
+            tokio::spawn(async move {
+                if s.write_all(id.as_bytes()).await.is_err() {
+                    return;
+                }
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if s.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = s.shutdown().await;
+            });
+        }
+    });
+    Backend { addr, served, task }
+}
+
+/// A port that refuses connections: bound, not listening, so no other test
+/// can take it. `listen()` on it later brings the "server" back.
+pub fn refusing(at: IpAddr) -> (TcpSocket, SocketAddr) {
+    let s = TcpSocket::new_v4().expect("socket");
+    s.bind(SocketAddr::new(at, 0)).expect("bind refusing");
+    let addr = s.local_addr().expect("addr");
+    (s, addr)
+}
+
+pub fn refusing_on(addr: SocketAddr) -> TcpSocket {
+    let s = TcpSocket::new_v4().expect("socket");
+    s.bind(addr).expect("bind refusing");
+    s
+}
+
+/// A listener whose accept queue is full, so further SYNs are dropped: a
+/// black hole on loopback. The returned stream holds the queue's one slot.
+pub async fn black_hole(at: IpAddr) -> (socket2::Socket, TcpStream, SocketAddr) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::new(at, 0).into()).unwrap();
+    s.listen(0).unwrap();
+    let addr = s.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(addr)
+        .await
+        .expect("fill the accept queue");
+    (s, filler, addr)
+}
+
+/// Builds a validated config from TOML text (no environment involved).
+pub fn config(toml: &str) -> Config {
+    config::from_figment(&Figment::from(Toml::string(toml))).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The TOML of one route on 127.0.0.1:0 plus a resolver section naming the
+/// test DNS server and no hosts file unless given.
+pub fn route_toml(alias: &str, port: u16, extra_route: &str, resolver: &str) -> String {
+    format!(
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"{alias}\"\nport = {port}\n{extra_route}\n[resolver]\n{resolver}\n"
+    )
+}
+
+pub fn resolver_toml(dns: SocketAddr, hosts: Option<&std::path::Path>) -> String {
+    format!(
+        "nameservers = [\"{dns}\"]\nhosts_file = \"{}\"\ntimeout = \"500ms\"\n",
+        hosts.map(|p| p.display().to_string()).unwrap_or_default()
+    )
+}
+
+/// The proxy running in-process.
+pub struct Proxy {
+    pub addrs: Vec<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    pub task: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            within("proxy shutdown", t).await.expect("proxy task");
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+pub fn start(cfg: Config) -> Proxy {
+    let server = Server::bind(cfg).expect("bind proxy");
+    let addrs = server.local_addrs();
+    let (tx, rx) = oneshot::channel();
+    let task = tokio::spawn(server.run(async {
+        let _ = rx.await;
+    }));
+    Proxy {
+        addrs,
+        stop: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// Connects through the proxy and reads the backend's id line.
+pub async fn served_by(proxy: SocketAddr) -> io::Result<(String, TcpStream)> {
+    let mut s = TcpStream::connect(proxy).await?;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    loop {
+        let n = s.read(&mut b).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before the id line",
+            ));
+        }
+        if b[0] == b'\n' {
+            break;
+        }
+        line.push(b[0]);
+    }
+    Ok((String::from_utf8_lossy(&line).into_owned(), s))
+}
+
+pub async fn id_via(proxy: SocketAddr) -> String {
+    within("a served connection", served_by(proxy))
+        .await
+        .map(|(id, _)| id)
+        .expect("connection through the proxy")
+}
+
+/// Asserts the proxy resets the connection (a refused-like failure).
+pub async fn assert_reset(proxy: SocketAddr) {
+    let r = within("the reset", served_by(proxy)).await;
+    match r {
+        Err(e) => assert_eq!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset,
+            "expected a reset, got {e}"
+        ),
+        Ok((id, _)) => panic!("expected a reset, was served by {id}"),
+    }
+}

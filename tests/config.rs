@@ -1,0 +1,292 @@
+//! Configuration: layers, validation, and errors that name the key and the
+//! file or variable they came from. `figment::Jail` isolates files and
+//! environment; the process environment is never changed directly.
+
+// figment::Jail closures return figment::Error, which is large.
+#![allow(clippy::result_large_err)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use failover_proxy::config::{self, Alias, ConfigError, ConfigPath, Family, Order};
+use figment::Jail;
+
+fn load_file(jail: &Jail, name: &str) -> Result<failover_proxy::Config, ConfigError> {
+    let path = jail.directory().join(name);
+    config::load(&ConfigPath::Named(path, "--config".into()))
+}
+
+fn problems(e: &ConfigError) -> Vec<(String, String, String)> {
+    e.problems
+        .iter()
+        .map(|p| (p.key.clone(), p.source.clone(), p.message.clone()))
+        .collect()
+}
+
+const ROUTE: &str = r#"
+[[route]]
+listen = "127.0.0.1:41000"
+alias = "my-cluster.example"
+port = 41000
+"#;
+
+#[test]
+fn example_file_in_config_dir_is_valid() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config/failover-proxy.toml");
+    Jail::expect_with(|_| {
+        let c = config::load(&ConfigPath::Named(path.clone(), "--config".into()))
+            .map_err(|e| e.to_string())?;
+        assert_eq!(c.routes.len(), 1);
+        assert_eq!(c.routes[0].alias, Alias::Host("localhost".into()));
+        Ok(())
+    });
+}
+
+#[test]
+fn defaults_follow_spec() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", ROUTE)?;
+        let c = load_file(jail, "c.toml").map_err(|e| e.to_string())?;
+        let r = &c.routes[0];
+        assert_eq!(r.name, "my-cluster.example");
+        assert_eq!(r.order, Order::Listed);
+        assert_eq!(r.connect_timeout, Duration::from_secs(2));
+        assert_eq!(r.attempt_delay, Duration::from_millis(250));
+        assert_eq!(r.max_connections.get(), 10_000);
+        assert_eq!(r.idle_timeout, None);
+        assert_eq!(c.resolver.hosts_file, Some(PathBuf::from("/etc/hosts")));
+        assert_eq!(c.resolver.family, Family::Any);
+        assert_eq!(c.resolver.timeout, Duration::from_secs(2));
+        assert_eq!(c.resolver.stale_on_error, Some(Duration::from_secs(300)));
+        assert_eq!(c.health.retry_down_after, Duration::from_secs(1));
+        assert_eq!(c.shutdown.drain_timeout, Duration::from_secs(30));
+        assert_eq!(c.runtime.worker_threads, 0);
+        Ok(())
+    });
+}
+
+#[test]
+fn unknown_key_is_named_with_its_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", &format!("{ROUTE}\n[resolver]\ntimout = \"2s\"\n"))?;
+        let e = load_file(jail, "c.toml").expect_err("unknown key must fail");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "resolver.timout");
+        assert!(
+            p[0].1.contains("c.toml"),
+            "source must name the file: {p:?}"
+        );
+        assert!(p[0].2.contains("unknown key"), "{p:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            r#"
+[[route]]
+listen = "0.0.0.0:41000"
+alias = "bad_name.example"
+port = 41000
+connect_timeout = 5
+attempt_delay = "soon"
+colour = "blue"
+
+[resolver]
+timeout = "2 fortnights"
+family = "ipv5"
+"#,
+        )?;
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        let keys: Vec<String> = e.problems.iter().map(|p| p.key.clone()).collect();
+        for want in [
+            "route[0].listen",
+            "route[0].alias",
+            "route[0].connect_timeout",
+            "route[0].attempt_delay",
+            "route[0].colour",
+            "resolver.timeout",
+            "resolver.family",
+        ] {
+            assert!(
+                keys.iter().any(|k| k == want),
+                "{want} not reported in {keys:?}"
+            );
+        }
+        assert!(
+            e.problems.iter().all(|p| p.source.contains("c.toml")),
+            "{e}"
+        );
+        let text = e.to_string();
+        assert_eq!(
+            text.lines().count(),
+            e.problems.len(),
+            "one line per problem"
+        );
+        assert!(text.contains("not a loopback address"), "{text}");
+        assert!(text.contains("is not a duration"), "{text}");
+        Ok(())
+    });
+}
+
+#[test]
+fn alias_must_be_a_hostname_or_ip() {
+    for good in [
+        "localhost",
+        "db-1.example.com",
+        "db.example.com.",
+        "10.0.0.1",
+        "::1",
+        "a",
+    ] {
+        assert!(Alias::parse(good).is_ok(), "{good} should be accepted");
+    }
+    let long_label = format!("{}.example", "a".repeat(64));
+    for bad in [
+        "",
+        "under_score.example",
+        "-lead.example",
+        "trail-.example",
+        "double..dot",
+        "space name",
+        "ünïcode.example",
+        long_label.as_str(),
+    ] {
+        assert!(Alias::parse(bad).is_err(), "{bad:?} should be rejected");
+    }
+}
+
+#[test]
+fn non_loopback_listen_needs_allow_non_loopback() {
+    Jail::expect_with(|jail| {
+        let route = ROUTE.replace("127.0.0.1:41000", "0.0.0.0:41000");
+        jail.create_file("no.toml", &route)?;
+        let e = load_file(jail, "no.toml").expect_err("must be refused");
+        assert_eq!(e.problems[0].key, "route[0].listen");
+        jail.create_file("yes.toml", &format!("{route}allow_non_loopback = true\n"))?;
+        let c = load_file(jail, "yes.toml").map_err(|e| e.to_string())?;
+        assert_eq!(
+            c.routes[0].listen,
+            "0.0.0.0:41000".parse::<SocketAddr>().unwrap()
+        );
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_alone_configures_a_container() {
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "FAILOVER_PROXY_ROUTE",
+            r#"[{listen="127.0.0.1:41000", alias="my-cluster", port=41000, order="round-robin"}]"#,
+        );
+        jail.set_env("FAILOVER_PROXY_RESOLVER__TIMEOUT", "3s");
+        jail.set_env(
+            "FAILOVER_PROXY_RESOLVER__NAMESERVERS",
+            r#"["127.0.0.1:5353"]"#,
+        );
+        jail.set_env("FAILOVER_PROXY_LOG__FORMAT", "json");
+        // The config path variable is not a config key.
+        jail.set_env("FAILOVER_PROXY_CONFIG", "");
+        let missing = jail.directory().join("absent.toml");
+        let c = config::load(&ConfigPath::Default(missing)).map_err(|e| e.to_string())?;
+        assert_eq!(c.routes[0].alias, Alias::Host("my-cluster".into()));
+        assert_eq!(c.routes[0].order, Order::RoundRobin);
+        assert_eq!(c.resolver.timeout, Duration::from_secs(3));
+        assert_eq!(
+            c.resolver.nameservers,
+            vec!["127.0.0.1:5353".parse::<SocketAddr>().unwrap()]
+        );
+        assert_eq!(c.log.format, config::LogFormat::Json);
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            &format!("{ROUTE}\n[resolver]\ntimeout = \"2s\"\n"),
+        )?;
+        jail.set_env("FAILOVER_PROXY_RESOLVER__TIMEOUT", "7s");
+        let c = load_file(jail, "c.toml").map_err(|e| e.to_string())?;
+        assert_eq!(c.resolver.timeout, Duration::from_secs(7));
+        Ok(())
+    });
+}
+
+#[test]
+fn environment_errors_name_the_real_variable() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", ROUTE)?;
+        jail.set_env("FAILOVER_PROXY_RESOLVER__TIMEOUT", "5");
+        jail.set_env("FAILOVER_PROXY_SHUTDOWN__DRAIN_TIMEOUT", "later");
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        let p = problems(&e);
+        assert!(
+            p.iter().any(|(k, s, _)| k == "resolver.timeout"
+                && s == "environment variable FAILOVER_PROXY_RESOLVER__TIMEOUT"),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|(k, s, _)| k == "shutdown.drain_timeout"
+                && s == "environment variable FAILOVER_PROXY_SHUTDOWN__DRAIN_TIMEOUT"),
+            "{p:?}"
+        );
+        Ok(())
+    });
+    Jail::expect_with(|jail| {
+        jail.set_env(
+            "FAILOVER_PROXY_ROUTE",
+            r#"[{listen="127.0.0.1:41000", alias="no_underscores", port=41000}]"#,
+        );
+        let e = config::load(&ConfigPath::Default(jail.directory().join("absent.toml")))
+            .expect_err("must fail");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "route[0].alias");
+        assert_eq!(p[0].1, "environment variable FAILOVER_PROXY_ROUTE");
+        Ok(())
+    });
+}
+
+#[test]
+fn missing_named_file_and_missing_routes_are_errors() {
+    Jail::expect_with(|jail| {
+        let e = load_file(jail, "nope.toml").expect_err("named file must exist");
+        assert!(e.to_string().contains("nope.toml"), "{e}");
+        assert!(e.to_string().contains("does not exist"), "{e}");
+        let e = config::load(&ConfigPath::Default(jail.directory().join("absent.toml")))
+            .expect_err("no route at all");
+        assert_eq!(e.problems[0].key, "route");
+        Ok(())
+    });
+}
+
+#[test]
+fn duplicate_listen_and_names_are_refused() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", &format!("{ROUTE}{ROUTE}"))?;
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"route[1].listen"), "{keys:?}");
+        assert!(keys.contains(&"route[1].name"), "{keys:?}");
+        Ok(())
+    });
+}
+
+#[test]
+fn toml_syntax_error_names_the_file() {
+    Jail::expect_with(|jail| {
+        jail.create_file("c.toml", "[[route]\nlisten = ")?;
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        assert!(e.to_string().contains("c.toml"), "{e}");
+        Ok(())
+    });
+}

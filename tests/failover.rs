@@ -1,0 +1,323 @@
+//! Resolution on every connection and ordered failover, against real
+//! sockets on 127.0.0.x and a real DNS server.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test]
+async fn dns_change_is_seen_by_the_next_connection_despite_ttl() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(11), "b1").await;
+    let b2 = backend_on(std::net::SocketAddr::new(ip(12), b1.addr.port()), "b2").await;
+    dns.records("cluster.test", &[ip(11)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &resolver_toml(dns.addr, None),
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    // TTL 3600 on both answers: only the absence of any cache lets the
+    // second connection see the change.
+    dns.records("cluster.test", &[ip(12)]);
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    drop(b2);
+}
+
+#[tokio::test]
+async fn hosts_file_edit_is_seen_by_the_next_connection() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(13), "b1").await;
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(14), b1.addr.port()), "b2").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "# cluster\n127.0.0.13 cluster.test\n").unwrap();
+    // DNS would answer differently: the hosts file must win.
+    dns.records("cluster.test", &[ip(99)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &resolver_toml(dns.addr, Some(&hosts)),
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    std::fs::write(&hosts, "127.0.0.14 cluster.test\n").unwrap();
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    // Several lines: file order, the first one serves.
+    std::fs::write(&hosts, "127.0.0.13 cluster.test\n127.0.0.14 cluster.test\n").unwrap();
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    assert_eq!(
+        dns.queries(),
+        0,
+        "dns must not be asked when the hosts file answers"
+    );
+}
+
+#[tokio::test]
+async fn refused_first_address_is_served_by_the_second_at_once() {
+    let dns = DnsServer::start().await;
+    let (_hold, dead) = refusing(ip(15));
+    let _b = backend_on(std::net::SocketAddr::new(ip(16), dead.port()), "b2").await;
+    dns.records("cluster.test", &[ip(15), ip(16)]);
+    // A long attempt_delay: only the refusal itself can start the second
+    // attempt early.
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        dead.port(),
+        "attempt_delay = \"5s\"\nconnect_timeout = \"10s\"",
+        &resolver_toml(dns.addr, None),
+    )));
+    let t = Instant::now();
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "refusal must start the next attempt at once, took {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn black_holed_first_address_costs_one_attempt_delay_then_nothing() {
+    let dns = DnsServer::start().await;
+    let (_l, _filler, hole) = black_hole(ip(17)).await;
+    let _b = backend_on(std::net::SocketAddr::new(ip(18), hole.port()), "b2").await;
+    dns.records("cluster.test", &[ip(17), ip(18)]);
+    let delay = Duration::from_millis(300);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        hole.port(),
+        "attempt_delay = \"300ms\"\nconnect_timeout = \"20s\"",
+        &resolver_toml(dns.addr, None),
+    )));
+    let t = Instant::now();
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    let first = t.elapsed();
+    assert!(
+        first >= delay,
+        "second attempt started before attempt_delay: {first:?}"
+    );
+    assert!(
+        first < Duration::from_secs(10),
+        "served only after the connect timeout, not after attempt_delay: {first:?}"
+    );
+    // The abandoned address is now known down: the next connection goes
+    // straight to the second address.
+    let t = Instant::now();
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    assert!(
+        t.elapsed() < delay,
+        "second connection waited again: {:?}",
+        t.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn round_robin_rotates_over_every_address() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(21), "b1").await;
+    let port = b1.addr.port();
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(22), port), "b2").await;
+    let _b3 = backend_on(std::net::SocketAddr::new(ip(23), port), "b3").await;
+    dns.records("cluster.test", &[ip(21), ip(22), ip(23)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        port,
+        "order = \"round-robin\"",
+        &resolver_toml(dns.addr, None),
+    )));
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(id_via(proxy.addr()).await);
+    }
+    assert_eq!(ids, ["b1", "b2", "b3", "b1", "b2", "b3"]);
+}
+
+#[tokio::test]
+async fn random_order_spreads_over_every_address() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(24), "b1").await;
+    let port = b1.addr.port();
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(25), port), "b2").await;
+    let _b3 = backend_on(std::net::SocketAddr::new(ip(26), port), "b3").await;
+    dns.records("cluster.test", &[ip(24), ip(25), ip(26)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        port,
+        "order = \"random\"",
+        &resolver_toml(dns.addr, None),
+    )));
+    let mut counts = std::collections::HashMap::new();
+    for _ in 0..60 {
+        *counts.entry(id_via(proxy.addr()).await).or_insert(0) += 1;
+    }
+    // All three within 60 tries fails with probability about 3 * (2/3)^60.
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|&n| n < 60), "{counts:?}");
+}
+
+#[tokio::test]
+async fn listed_order_always_prefers_the_first_address() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(27), "b1").await;
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(28), b1.addr.port()), "b2").await;
+    dns.records("cluster.test", &[ip(27), ip(28)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &resolver_toml(dns.addr, None),
+    )));
+    for _ in 0..5 {
+        assert_eq!(id_via(proxy.addr()).await, "b1");
+    }
+}
+
+#[tokio::test]
+async fn every_address_down_resets_the_client_at_once() {
+    let dns = DnsServer::start().await;
+    let (_h1, a1) = refusing(ip(29));
+    let h2 = refusing_on(std::net::SocketAddr::new(ip(30), a1.port()));
+    dns.records("cluster.test", &[ip(29), ip(30)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        a1.port(),
+        "attempt_delay = \"5s\"\nconnect_timeout = \"10s\"",
+        &resolver_toml(dns.addr, None),
+    )));
+    let t = Instant::now();
+    assert_reset(proxy.addr()).await;
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "reset took {:?}",
+        t.elapsed()
+    );
+    // All down: every address is still tried, so a server that comes back
+    // serves the very next connection.
+    let l = h2.listen(16).unwrap();
+    let _b = serve_backend(l, "b2");
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+}
+
+#[tokio::test]
+async fn a_down_first_address_regains_its_place_after_retry_down_after() {
+    let dns = DnsServer::start().await;
+    let (hold, dead) = refusing(ip(31));
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(32), dead.port()), "b2").await;
+    dns.records("cluster.test", &[ip(31), ip(32)]);
+    let retry = Duration::from_millis(400);
+    let proxy = start(config(&format!(
+        "{}\n[health]\nretry_down_after = \"400ms\"\n",
+        route_toml(
+            "cluster.test",
+            dead.port(),
+            "",
+            &resolver_toml(dns.addr, None)
+        )
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    let marked = Instant::now();
+    // The first server comes back at once, but it is known down: until its
+    // retry time the second keeps serving, without a new attempt on it.
+    let _b1 = serve_backend(hold.listen(16).unwrap(), "b1");
+    assert_eq!(id_via(proxy.addr()).await, "b2");
+    assert!(
+        marked.elapsed() < retry,
+        "test too slow to observe the down state"
+    );
+    // The retry is due once retry_down_after has passed: that is the event
+    // this test waits for.
+    tokio::time::sleep_until((marked + retry).into()).await;
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+}
+
+#[tokio::test]
+async fn stale_answer_is_used_while_dns_is_down() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(33), "b1").await;
+    dns.records("cluster.test", &[ip(33)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &format!("{}stale_on_error = \"5m\"\n", resolver_toml(dns.addr, None)),
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    dns.set("cluster.test", Behavior::Silent);
+    assert_eq!(
+        id_via(proxy.addr()).await,
+        "b1",
+        "timeout: the stale answer serves"
+    );
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_eq!(
+        id_via(proxy.addr()).await,
+        "b1",
+        "servfail: the stale answer serves"
+    );
+    dns.stop();
+    assert_eq!(
+        id_via(proxy.addr()).await,
+        "b1",
+        "server gone: the stale answer serves"
+    );
+}
+
+#[tokio::test]
+async fn without_stale_on_error_a_dns_failure_resets() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(34), "b1").await;
+    dns.records("cluster.test", &[ip(34)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &format!("{}stale_on_error = \"0s\"\n", resolver_toml(dns.addr, None)),
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    dns.set("cluster.test", Behavior::Silent);
+    assert_reset(proxy.addr()).await;
+}
+
+#[tokio::test]
+async fn nxdomain_is_an_answer_and_is_never_masked_by_a_stale_one() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(35), "b1").await;
+    dns.records("cluster.test", &[ip(35)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &format!("{}stale_on_error = \"5m\"\n", resolver_toml(dns.addr, None)),
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    dns.set("cluster.test", Behavior::NxDomain);
+    assert_reset(proxy.addr()).await;
+    // An empty answer is an answer too.
+    dns.records("cluster.test", &[]);
+    assert_reset(proxy.addr()).await;
+    // And after the alias is gone, a DNS failure has no stale answer left.
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_reset(proxy.addr()).await;
+}
+
+#[tokio::test]
+async fn an_answer_pointing_at_the_proxy_itself_is_never_dialled() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let dns = DnsServer::start().await;
+    // Bind first to learn the port, then make the alias point at it.
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    std::fs::write(&hosts, "127.0.0.1 self.test\n").unwrap();
+    let cfg = config(&format!(
+        "[[route]]\nlisten = \"127.0.0.1:{port}\"\nalias = \"self.test\"\nport = {port}\n[resolver]\n{}",
+        resolver_toml(dns.addr, Some(&hosts))
+    ));
+    let proxy = start(cfg);
+    assert_reset(proxy.addr()).await;
+}

@@ -1,0 +1,201 @@
+//! The data path: half-close, reset propagation, idle timeout and the
+//! connection limit, through the proxy on real loopback sockets.
+
+mod common;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+/// A proxy whose alias is an IP literal pointing at `backend`.
+fn proxy_to(backend: SocketAddr, extra: &str) -> Proxy {
+    // The DNS server address is never used: the alias is a literal.
+    start(config(&format!(
+        "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"{}\"\nport = {}\n{extra}\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"\"\n",
+        backend.ip(),
+        backend.port()
+    )))
+}
+
+/// Accepts connections and hands each to the test.
+async fn raw_backend(at: std::net::IpAddr) -> (SocketAddr, mpsc::UnboundedReceiver<TcpStream>) {
+    let l = TcpListener::bind(SocketAddr::new(at, 0)).await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            if tx.send(s).is_err() {
+                return;
+            }
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn half_close_client_still_gets_the_reply() {
+    let (addr, mut accepted) = raw_backend(ip(41)).await;
+    let proxy = proxy_to(addr, "");
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    client.write_all(b"request body").await.unwrap();
+    client.shutdown().await.unwrap();
+
+    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    let mut got = Vec::new();
+    // The server sees end-of-stream only because the client's FIN was
+    // passed on as a write shutdown.
+    within(
+        "request and FIN at the server",
+        server.read_to_end(&mut got),
+    )
+    .await
+    .unwrap();
+    assert_eq!(got, b"request body");
+    // The other direction still flows after the FIN.
+    server.write_all(b"reply after half-close").await.unwrap();
+    server.shutdown().await.unwrap();
+
+    let mut reply = Vec::new();
+    within("reply at the client", client.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, b"reply after half-close");
+}
+
+#[tokio::test]
+async fn server_half_close_keeps_client_direction_open() {
+    let (addr, mut accepted) = raw_backend(ip(42)).await;
+    let proxy = proxy_to(addr, "");
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    server.write_all(b"banner").await.unwrap();
+    server.shutdown().await.unwrap();
+    let mut got = Vec::new();
+    within("banner and FIN", client.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"banner");
+    client.write_all(b"late data").await.unwrap();
+    client.shutdown().await.unwrap();
+    let mut late = Vec::new();
+    within("late data", server.read_to_end(&mut late))
+        .await
+        .unwrap();
+    assert_eq!(late, b"late data");
+}
+
+#[tokio::test]
+async fn server_reset_resets_the_client() {
+    let (addr, mut accepted) = raw_backend(ip(43)).await;
+    let proxy = proxy_to(addr, "");
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let server = within("backend accept", accepted.recv()).await.unwrap();
+    server.set_zero_linger().unwrap();
+    drop(server);
+    let mut buf = [0u8; 16];
+    let r = within("client sees the reset", client.read(&mut buf)).await;
+    assert_eq!(
+        r.map_err(|e| e.kind()),
+        Err(io::ErrorKind::ConnectionReset),
+        "a server reset must reach the client as a reset, not a clean end"
+    );
+}
+
+#[tokio::test]
+async fn client_reset_resets_the_server() {
+    let (addr, mut accepted) = raw_backend(ip(44)).await;
+    let proxy = proxy_to(addr, "");
+    let client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    client.set_zero_linger().unwrap();
+    drop(client);
+    let mut buf = [0u8; 16];
+    let r = within("server sees the reset", server.read(&mut buf)).await;
+    assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_with_fin_after_idle_timeout() {
+    let (addr, mut accepted) = raw_backend(ip(45)).await;
+    let proxy = proxy_to(addr, "idle_timeout = \"300ms\"");
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    let opened = Instant::now();
+    // Traffic keeps it open.
+    client.write_all(b"ping").await.unwrap();
+    let mut b = [0u8; 4];
+    within("ping", server.read_exact(&mut b)).await.unwrap();
+
+    let mut rest = Vec::new();
+    let n = within("idle close at the client", client.read_to_end(&mut rest))
+        .await
+        .expect("idle timeout ends with FIN, not a reset");
+    assert_eq!(n, 0);
+    assert!(
+        opened.elapsed() >= Duration::from_millis(300),
+        "closed before idle_timeout: {:?}",
+        opened.elapsed()
+    );
+    let mut rest = Vec::new();
+    within("idle close at the server", server.read_to_end(&mut rest))
+        .await
+        .expect("server gets FIN");
+}
+
+#[tokio::test]
+async fn max_connections_resets_the_excess_and_frees_the_slot() {
+    let b = backend(ip(46), "b").await;
+    let proxy = proxy_to(b.addr, "max_connections = 1");
+    let (id, mut first) = within("first", served_by(proxy.addr())).await.unwrap();
+    assert_eq!(id, "b");
+    assert_reset(proxy.addr()).await;
+
+    // Close the first connection cleanly and wait for its end at the client.
+    first.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("first ends", first.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    drop(first);
+    // The slot is released when the proxy's connection task ends, just
+    // after it passed the FIN on: poll for that event, bounded by HANG.
+    let deadline = Instant::now() + HANG;
+    loop {
+        match served_by(proxy.addr()).await {
+            Ok((id, _)) => {
+                assert_eq!(id, "b");
+                break;
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && Instant::now() < deadline => {
+                tokio::task::yield_now().await;
+            }
+            Err(e) => panic!("slot never freed: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn bulk_data_arrives_intact_both_ways() {
+    let b = backend(ip(47), "b").await;
+    let proxy = proxy_to(b.addr, "");
+    let (_, s) = within("connect", served_by(proxy.addr())).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..4_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let expected = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&data).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut echoed = Vec::new();
+    within("echo", r.read_to_end(&mut echoed)).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(echoed.len(), expected.len());
+    assert!(echoed == expected, "echoed bytes differ");
+}
