@@ -24,14 +24,78 @@ struct Down {
     /// A connection has taken the retry and not reported back yet, so
     /// concurrent connections do not all pile onto a dead server.
     retry_taken: bool,
-    since: SystemTime,
 }
+
+#[derive(Debug, Clone)]
+struct AddrState {
+    down: Option<Down>,
+    /// When the address entered its current state (or was first seen).
+    since: SystemTime,
+    last_error: Option<&'static str>,
+    /// Consecutive active probe results, for `down_after` / `up_after`.
+    probe_ok: u32,
+    probe_failed: u32,
+}
+
+impl AddrState {
+    fn new() -> AddrState {
+        AddrState {
+            down: None,
+            since: SystemTime::now(),
+            last_error: None,
+            probe_ok: 0,
+            probe_failed: 0,
+        }
+    }
+}
+
+/// One address as `/status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AddrStatus {
+    pub addr: SocketAddr,
+    pub up: bool,
+    pub since: SystemTime,
+    pub last_error: Option<&'static str>,
+}
+
+/// A change of state, for logs and the `backend_up` gauge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// First seen (up).
+    New,
+    WentDown,
+    CameUp,
+}
+
+/// Addresses remembered beyond the current answer before old ones are
+/// forgotten, so a churning DNS answer cannot grow the table without end.
+const MAX_ADDRS: usize = 1024;
 
 #[derive(Debug)]
 pub struct Health {
     retry_base: Duration,
-    down: Mutex<HashMap<SocketAddr, Down>>,
+    addrs: Mutex<Table>,
     rotation: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    states: HashMap<SocketAddr, AddrState>,
+    /// How many states are down: zero lets a connection skip reordering.
+    down: usize,
+}
+
+impl Table {
+    fn entry(&mut self, addr: SocketAddr, changes: &mut Vec<(SocketAddr, Transition)>) -> &mut AddrState {
+        if self.states.len() >= MAX_ADDRS && !self.states.contains_key(&addr) {
+            // Forget the up addresses: nothing is lost but their "since".
+            self.states.retain(|_, s| s.down.is_some());
+        }
+        self.states.entry(addr).or_insert_with(|| {
+            changes.push((addr, Transition::New));
+            AddrState::new()
+        })
+    }
 }
 
 /// The addresses one connection will try, in order.
@@ -43,13 +107,15 @@ pub struct Plan {
     pub first: Option<SocketAddr>,
     /// Down addresses placed at their listed place for their one retry.
     pub retries: Vec<SocketAddr>,
+    /// Addresses never seen before, now known (up).
+    pub new: Vec<SocketAddr>,
 }
 
 impl Health {
     pub fn new(retry_base: Duration) -> Health {
         Health {
             retry_base,
-            down: Mutex::new(HashMap::new()),
+            addrs: Mutex::new(Table::default()),
             rotation: AtomicUsize::new(0),
         }
     }
@@ -69,19 +135,27 @@ impl Health {
             Order::Random => addrs.shuffle(&mut rand::rng()),
         }
         let first = addrs.first().copied();
-        let mut down = lock(&self.down);
-        if down.is_empty() {
+        let mut table = lock(&self.addrs);
+        let mut changes = Vec::new();
+        for a in &addrs {
+            if !table.states.contains_key(a) {
+                table.entry(*a, &mut changes);
+            }
+        }
+        let new = changes.into_iter().map(|(a, _)| a).collect();
+        if table.down == 0 {
             return Plan {
                 addrs,
                 first,
                 retries: Vec::new(),
+                new,
             };
         }
         let mut front = Vec::with_capacity(addrs.len());
         let mut back = Vec::new();
         let mut retries = Vec::new();
         for a in addrs {
-            match down.get_mut(&a) {
+            match table.states.get_mut(&a).and_then(|s| s.down.as_mut()) {
                 None => front.push(a),
                 Some(d) if !d.retry_taken && now >= d.retry_at => {
                     d.retry_taken = true;
@@ -96,17 +170,33 @@ impl Health {
             addrs: front,
             first,
             retries,
+            new,
         }
     }
 
+    /// A connection to `addr` succeeded. Returns true when it was down.
     pub fn mark_up(&self, addr: SocketAddr) -> bool {
-        lock(&self.down).remove(&addr).is_some()
+        let mut table = lock(&self.addrs);
+        let Some(s) = table.states.get_mut(&addr) else {
+            return false;
+        };
+        if s.down.take().is_some() {
+            s.since = SystemTime::now();
+            table.down -= 1;
+            true
+        } else {
+            false
+        }
     }
 
     /// Marks `addr` down after a failed attempt. Returns true when it was up.
-    pub fn mark_down(&self, addr: SocketAddr, now: Instant) -> bool {
-        let mut down = lock(&self.down);
-        match down.get_mut(&addr) {
+    pub fn mark_down(&self, addr: SocketAddr, now: Instant, error: &'static str) -> bool {
+        let mut table = lock(&self.addrs);
+        let mut ignored = Vec::new();
+        let base = self.retry_base;
+        let s = table.entry(addr, &mut ignored);
+        s.last_error = Some(error);
+        match &mut s.down {
             Some(d) => {
                 d.backoff = (d.backoff * 2).clamp(Duration::from_millis(1), MAX_RETRY_DOWN_AFTER);
                 d.retry_at = now + d.backoff;
@@ -114,15 +204,13 @@ impl Health {
                 false
             }
             None => {
-                down.insert(
-                    addr,
-                    Down {
-                        retry_at: now + self.retry_base,
-                        backoff: self.retry_base,
-                        retry_taken: false,
-                        since: SystemTime::now(),
-                    },
-                );
+                s.down = Some(Down {
+                    retry_at: now + base,
+                    backoff: base,
+                    retry_taken: false,
+                });
+                s.since = SystemTime::now();
+                table.down += 1;
                 true
             }
         }
@@ -131,21 +219,83 @@ impl Health {
     /// Gives back a retry that the connection never made (an earlier
     /// address connected first), so the next connection takes it.
     pub fn release_retry(&self, addr: SocketAddr) {
-        if let Some(d) = lock(&self.down).get_mut(&addr) {
+        let mut table = lock(&self.addrs);
+        if let Some(d) = table.states.get_mut(&addr).and_then(|s| s.down.as_mut()) {
             d.retry_taken = false;
         }
     }
 
-    pub fn is_down(&self, addr: SocketAddr) -> bool {
-        lock(&self.down).contains_key(&addr)
+    /// Records an active probe; `down_after` consecutive failures mark the
+    /// address down, `up_after` consecutive successes mark it up.
+    pub fn probed(
+        &self,
+        addr: SocketAddr,
+        error: Option<&'static str>,
+        down_after: u32,
+        up_after: u32,
+        now: Instant,
+    ) -> Option<Transition> {
+        let flip = {
+            let mut table = lock(&self.addrs);
+            let mut ignored = Vec::new();
+            let s = table.entry(addr, &mut ignored);
+            match error {
+                None => {
+                    s.probe_ok = s.probe_ok.saturating_add(1);
+                    s.probe_failed = 0;
+                    (s.down.is_some() && s.probe_ok >= up_after).then_some(Transition::CameUp)
+                }
+                Some(e) => {
+                    s.last_error = Some(e);
+                    s.probe_ok = 0;
+                    s.probe_failed = s.probe_failed.saturating_add(1);
+                    (s.down.is_none() && s.probe_failed >= down_after).then_some(Transition::WentDown)
+                }
+            }
+        };
+        match flip {
+            Some(Transition::CameUp) => self.mark_up(addr).then_some(Transition::CameUp),
+            Some(Transition::WentDown) => self
+                .mark_down(addr, now, error.unwrap_or("error"))
+                .then_some(Transition::WentDown),
+            _ => None,
+        }
     }
 
-    /// Down addresses with the time they went down.
-    pub fn down_since(&self) -> Vec<(SocketAddr, SystemTime)> {
-        lock(&self.down)
+    pub fn is_down(&self, addr: SocketAddr) -> bool {
+        lock(&self.addrs)
+            .states
+            .get(&addr)
+            .is_some_and(|s| s.down.is_some())
+    }
+
+    /// The state of each of `addrs`, in their order.
+    pub fn status(&self, addrs: &[SocketAddr]) -> Vec<AddrStatus> {
+        let table = lock(&self.addrs);
+        addrs
             .iter()
-            .map(|(a, d)| (*a, d.since))
+            .map(|a| match table.states.get(a) {
+                Some(s) => AddrStatus {
+                    addr: *a,
+                    up: s.down.is_none(),
+                    since: s.since,
+                    last_error: s.last_error,
+                },
+                None => AddrStatus {
+                    addr: *a,
+                    up: true,
+                    since: SystemTime::now(),
+                    last_error: None,
+                },
+            })
             .collect()
+    }
+
+    /// Forgets addresses that are neither in `keep` nor down.
+    pub fn retain(&self, keep: &[SocketAddr]) {
+        lock(&self.addrs)
+            .states
+            .retain(|a, s| s.down.is_some() || keep.contains(a));
     }
 }
 
@@ -155,6 +305,25 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test(start_paused = true)]
+    async fn probes_flip_after_consecutive_results() {
+        let h = Health::new(Duration::from_secs(1));
+        let a = SocketAddr::from(([127, 0, 0, 1], 80));
+        let now = Instant::now();
+        assert_eq!(h.probed(a, Some("refused"), 2, 3, now), None);
+        assert_eq!(h.probed(a, None, 2, 3, now), None, "a success resets the failure count");
+        assert_eq!(h.probed(a, Some("refused"), 2, 3, now), None);
+        assert_eq!(h.probed(a, Some("refused"), 2, 3, now), Some(Transition::WentDown));
+        assert!(h.is_down(a));
+        assert_eq!(h.probed(a, None, 2, 3, now), None);
+        assert_eq!(h.probed(a, None, 2, 3, now), None);
+        assert_eq!(h.probed(a, None, 2, 3, now), Some(Transition::CameUp));
+        assert!(!h.is_down(a));
+        let st = h.status(&[a]);
+        assert!(st[0].up);
+        assert_eq!(st[0].last_error, Some("refused"));
+    }
+
     use super::*;
 
     fn addrs(n: u8) -> Vec<SocketAddr> {
@@ -167,7 +336,7 @@ mod tests {
     async fn down_goes_back_then_retries_at_its_place_with_doubling() {
         let h = Health::new(Duration::from_secs(1));
         let a = addrs(3);
-        assert!(h.mark_down(a[0], Instant::now()));
+        assert!(h.mark_down(a[0], Instant::now(), "refused"));
         let p = h.plan(a.clone(), Order::Listed, Instant::now());
         assert_eq!(p.addrs, vec![a[1], a[2], a[0]]);
         assert_eq!(p.first, Some(a[0]));
@@ -188,7 +357,7 @@ mod tests {
         );
 
         // The retry fails: the wait doubles to 2 s.
-        assert!(!h.mark_down(a[0], Instant::now()));
+        assert!(!h.mark_down(a[0], Instant::now(), "refused"));
         tokio::time::advance(Duration::from_millis(1999)).await;
         assert_eq!(
             h.plan(a.clone(), Order::Listed, Instant::now()).addrs[0],
@@ -207,8 +376,8 @@ mod tests {
     async fn backoff_stops_at_thirty_seconds() {
         let h = Health::new(Duration::from_secs(20));
         let a = addrs(2);
-        h.mark_down(a[0], Instant::now());
-        h.mark_down(a[0], Instant::now());
+        h.mark_down(a[0], Instant::now(), "refused");
+        h.mark_down(a[0], Instant::now(), "refused");
         tokio::time::advance(Duration::from_secs(30)).await;
         assert_eq!(
             h.plan(a.clone(), Order::Listed, Instant::now()).retries,
@@ -220,7 +389,7 @@ mod tests {
     async fn released_retry_is_offered_again() {
         let h = Health::new(Duration::ZERO);
         let a = addrs(2);
-        h.mark_down(a[0], Instant::now());
+        h.mark_down(a[0], Instant::now(), "refused");
         assert_eq!(
             h.plan(a.clone(), Order::Listed, Instant::now()).retries,
             vec![a[0]]
@@ -242,7 +411,7 @@ mod tests {
         let h = Health::new(Duration::from_secs(5));
         let a = addrs(3);
         for x in &a {
-            h.mark_down(*x, Instant::now());
+            h.mark_down(*x, Instant::now(), "refused");
         }
         assert_eq!(h.plan(a.clone(), Order::Listed, Instant::now()).addrs, a);
     }

@@ -22,25 +22,31 @@
 //! [`Server::run`] serves until a shutdown future completes and then drains.
 //! Tests bind `127.0.0.1:0` and run it in-process.
 
+pub mod admin;
 pub mod check;
 pub mod config;
 pub mod connect;
 pub mod health;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod resolve;
 pub mod route;
+pub mod service;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 pub use config::Config;
+use listener::Current;
 use resolve::Resolver;
 use route::{OwnListeners, Route, Shared};
 
@@ -55,30 +61,78 @@ pub enum StartError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot listen on {addr} (admin.listen)")]
+    AdminBind {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
     #[error(transparent)]
     Resolver(#[from] resolve::BuildError),
+    #[error(transparent)]
+    Metrics(#[from] metrics::MetricsError),
+}
+
+/// What the running server is asked to do.
+#[derive(Debug)]
+pub enum Control {
+    /// Apply a new, already validated configuration (SIGHUP).
+    Reload(Box<Config>),
+    /// Stop accepting, drain, return (SIGTERM, SIGINT).
+    Shutdown,
+}
+
+/// One route's listener and the tasks serving it.
+struct Slot {
+    current: Arc<Current>,
+    stop: watch::Sender<bool>,
+    accept: JoinHandle<()>,
+    probes: Option<JoinHandle<()>>,
 }
 
 /// A proxy with every listener bound, not yet accepting.
 pub struct Server {
     config: Config,
-    listeners: Vec<(Arc<Route>, TcpListener)>,
-    shared: Shared,
+    pending: Vec<(Arc<Route>, TcpListener)>,
+    shared: Arc<RwLock<Shared>>,
+    admin_listener: Option<TcpListener>,
+    admin: Option<Arc<admin::AdminState>>,
+    /// Sockets from systemd not claimed by a route yet: a reload that adds
+    /// a route on one of their addresses takes it.
+    inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+}
+
+fn bind_route(
+    rc: &config::RouteConfig,
+    inherited: &mut Vec<(SocketAddr, std::net::TcpListener)>,
+) -> Result<TcpListener, StartError> {
+    let err = |source| StartError::Bind {
+        route: rc.name.clone(),
+        addr: rc.listen,
+        source,
+    };
+    if let Some(i) = inherited.iter().position(|(a, _)| *a == rc.listen) {
+        let (_, l) = inherited.swap_remove(i);
+        l.set_nonblocking(true).map_err(err)?;
+        tracing::info!(route = %rc.name, listen = %rc.listen, "using the socket passed by systemd");
+        return TcpListener::from_std(l).map_err(err);
+    }
+    listener::bind(rc.listen).map_err(err)
 }
 
 impl Server {
-    /// Builds the resolver and binds every route's listener. Nothing is
-    /// accepted until [`Server::run`].
+    /// Builds the resolver, installs the metrics recorder, and binds every
+    /// route's listener and the admin endpoint (taking sockets passed by
+    /// systemd where their address matches). Nothing is accepted until
+    /// [`Server::run`].
     pub fn bind(config: Config) -> Result<Server, StartError> {
+        let handle = metrics::install()?;
         let resolver = Arc::new(Resolver::new(&config.resolver)?);
-        let mut listeners = Vec::with_capacity(config.routes.len());
+        let mut inherited = service::inherited_listeners();
+        let mut pending = Vec::with_capacity(config.routes.len());
         let mut own = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            let listener = listener::bind(rc.listen).map_err(|source| StartError::Bind {
-                route: rc.name.clone(),
-                addr: rc.listen,
-                source,
-            })?;
+            let listener = bind_route(rc, &mut inherited)?;
             let bound = listener.local_addr().map_err(|source| StartError::Bind {
                 route: rc.name.clone(),
                 addr: rc.listen,
@@ -87,85 +141,283 @@ impl Server {
             own.push(bound);
             let mut rc = rc.clone();
             rc.listen = bound;
-            listeners.push((
-                Arc::new(Route::new(rc, config.health.retry_down_after)),
-                listener,
-            ));
+            pending.push((Arc::new(Route::new(rc, config.health.clone(), None)), listener));
         }
+        let (admin_listener, admin) = match config.admin.listen {
+            None => (None, None),
+            Some(addr) => {
+                let l = listener::bind(addr)
+                    .map_err(|source| StartError::AdminBind { addr, source })?;
+                let state = Arc::new(admin::AdminState {
+                    metrics: handle,
+                    routes: RwLock::new(Vec::new()),
+                });
+                (Some(l), Some(state))
+            }
+        };
         Ok(Server {
-            shared: Shared {
+            shared: Arc::new(RwLock::new(Shared {
                 resolver,
                 own: Arc::new(OwnListeners(own)),
-            },
+            })),
             config,
-            listeners,
+            pending,
+            admin_listener,
+            admin,
+            inherited,
         })
     }
 
     /// The bound address of each route, in configuration order.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners.iter().map(|(r, _)| r.cfg.listen).collect()
+        self.pending.iter().map(|(r, _)| r.cfg.listen).collect()
     }
 
-    /// Serves until `shutdown` completes, then stops accepting at once and
-    /// waits at most `shutdown.drain_timeout` for open connections.
+    /// The bound admin address, if the endpoint is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Serves until `shutdown` completes. A shorthand for [`Server::serve`]
+    /// without reloads.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (stop_tx, stop_rx) = watch::channel(false);
+        let (tx, rx) = mpsc::channel(1);
+        let serving = self.serve(rx);
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => return,
+            _ = shutdown => {}
+        }
+        let _ = tx.send(Control::Shutdown).await;
+        serving.await;
+    }
+
+    /// Serves, applying each [`Control`] as it comes; on `Shutdown` (or
+    /// when every sender is gone) stops accepting at once and waits at most
+    /// `shutdown.drain_timeout` for open connections.
+    pub async fn serve(mut self, mut control: mpsc::Receiver<Control>) {
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-        let mut loops = Vec::with_capacity(self.listeners.len());
-        for (route, listener) in self.listeners {
-            tracing::info!(
-                route = %route.cfg.name,
-                listen = %route.cfg.listen,
-                alias = %route.cfg.alias,
-                port = route.cfg.port,
-                "listening"
-            );
-            // Each route resolves once at start, so a broken alias shows in
-            // the log before the first client needs it.
-            let (r, shared) = (route.clone(), self.shared.clone());
+        let (admin_stop, admin_stop_rx) = watch::channel(false);
+        let upkeep = self.admin.as_ref().map(|st| {
+            let h = st.metrics.clone();
             tokio::spawn(async move {
-                let res = shared.resolver.resolve(&r.cfg.alias).await;
-                match res.result {
-                    Ok(a) => {
-                        tracing::info!(route = %r.cfg.name, alias = %r.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved")
-                    }
-                    Err(e) => {
-                        tracing::warn!(route = %r.cfg.name, alias = %r.cfg.alias, error = %e, "alias does not resolve yet")
-                    }
+                let mut t = tokio::time::interval(std::time::Duration::from_secs(5));
+                loop {
+                    t.tick().await;
+                    h.run_upkeep();
                 }
-            });
-            loops.push(tokio::spawn(listener::accept_loop(
-                listener,
-                route,
-                self.shared.clone(),
-                stop_rx.clone(),
-                drain_tx.clone(),
-            )));
+            })
+        });
+        let mut slots: HashMap<SocketAddr, Slot> = HashMap::new();
+        let mut order: Vec<SocketAddr> = Vec::new();
+        let pending = std::mem::take(&mut self.pending);
+        for ((route, listener), rc) in pending.into_iter().zip(self.config.routes.clone()) {
+            order.push(rc.listen);
+            slots.insert(rc.listen, self.start_slot(route, listener, &drain_tx));
+        }
+        self.publish_routes(&slots, &order);
+        if let (Some(l), Some(st)) = (self.admin_listener.take(), &self.admin) {
+            if let Ok(a) = l.local_addr() {
+                tracing::info!(listen = %a, "admin endpoint listening");
+            }
+            tokio::spawn(admin::serve(l, st.clone(), admin_stop_rx));
+        }
+        service::ready();
+        let watchdog = service::spawn_watchdog();
+
+        loop {
+            match control.recv().await {
+                Some(Control::Reload(new)) => {
+                    service::reloading();
+                    self.reload(*new, &mut slots, &mut order, &drain_tx);
+                    service::ready();
+                }
+                Some(Control::Shutdown) | None => break,
+            }
+        }
+
+        service::stopping();
+        for slot in slots.values() {
+            let _ = slot.stop.send(true);
+            if let Some(p) = &slot.probes {
+                p.abort();
+            }
+        }
+        for (_, slot) in slots {
+            let _ = slot.accept.await;
+        }
+        let _ = admin_stop.send(true);
+        if let Some(w) = watchdog {
+            w.abort();
+        }
+        if let Some(u) = upkeep {
+            u.abort();
         }
         drop(drain_tx);
-        shutdown.await;
-        let _ = stop_tx.send(true);
-        for l in loops {
-            let _ = l.await;
-        }
         let drain = self.config.shutdown.drain_timeout;
         tracing::info!(drain_timeout = ?drain, "stopped accepting; draining open connections");
         match tokio::time::timeout(drain, drain_rx.recv()).await {
             Ok(_) => tracing::info!("all connections finished"),
-            Err(_) => {
-                tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections")
+            Err(_) => tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections"),
+        }
+    }
+
+    /// Shows the admin endpoint the routes serving now, in config order.
+    fn publish_routes(&self, slots: &HashMap<SocketAddr, Slot>, order: &[SocketAddr]) {
+        if let Some(st) = &self.admin {
+            *st.routes.write().unwrap_or_else(|p| p.into_inner()) = order
+                .iter()
+                .filter_map(|k| slots.get(k))
+                .map(|s| s.current.clone())
+                .collect();
+        }
+    }
+
+    fn start_slot(&self, route: Arc<Route>, listener: TcpListener, drain: &mpsc::Sender<()>) -> Slot {
+        tracing::info!(
+            route = %route.cfg.name,
+            listen = %route.cfg.listen,
+            alias = %route.cfg.alias,
+            port = route.cfg.port,
+            "listening"
+        );
+        let (stop, stop_rx) = watch::channel(false);
+        let current = Arc::new(Current::new(route.clone()));
+        let accept = tokio::spawn(listener::accept_loop(
+            listener,
+            current.clone(),
+            self.shared.clone(),
+            stop_rx,
+            drain.clone(),
+        ));
+        let probes = self.start_health(&route);
+        Slot {
+            current,
+            stop,
+            accept,
+            probes,
+        }
+    }
+
+    /// Resolves once at start (so `/readyz` and the log know at once), then
+    /// runs active probes when `health.interval` is set.
+    fn start_health(&self, route: &Arc<Route>) -> Option<JoinHandle<()>> {
+        let shared = self.shared.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let interval = route.health_cfg.interval;
+        let route = route.clone();
+        Some(tokio::spawn(async move {
+            match route.resolve(&shared.resolver).await {
+                Ok(a) => tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved"),
+                Err(e) => tracing::warn!(route = %route.cfg.name, alias = %route.cfg.alias, error = %e, "alias does not resolve yet"),
+            }
+            if let Some(interval) = interval {
+                route::probe_loop(route, shared, interval).await;
+            }
+        }))
+    }
+
+    /// Applies a new configuration: routes are matched by `listen`; new ones
+    /// start, removed ones stop accepting (their connections drain), changed
+    /// ones apply to new connections. Settings read only at start are
+    /// logged as needing a restart.
+    fn reload(
+        &mut self,
+        new: Config,
+        slots: &mut HashMap<SocketAddr, Slot>,
+        order: &mut Vec<SocketAddr>,
+        drain: &mpsc::Sender<()>,
+    ) {
+        let old = &self.config;
+        if new.admin != old.admin || new.runtime != old.runtime || new.log != old.log {
+            tracing::warn!("reload: admin, log and runtime settings take effect only after a restart");
+        }
+        if new.resolver != old.resolver {
+            match Resolver::new(&new.resolver) {
+                Ok(r) => {
+                    self.shared.write().unwrap_or_else(|p| p.into_inner()).resolver = Arc::new(r);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "reload: cannot build the new resolver; keeping the running configuration");
+                    return;
+                }
             }
         }
+        // Bind every new listener first, so a failure leaves all as it was.
+        let mut fresh = Vec::new();
+        for rc in new.routes.iter().filter(|rc| !slots.contains_key(&rc.listen)) {
+            match bind_route(rc, &mut self.inherited) {
+                Ok(l) => fresh.push((rc.clone(), l)),
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "reload: keeping the running configuration");
+                    return;
+                }
+            }
+        }
+        let keep: Vec<SocketAddr> = new.routes.iter().map(|r| r.listen).collect();
+        for addr in order.iter().filter(|a| !keep.contains(a)) {
+            if let Some(slot) = slots.remove(addr) {
+                tracing::info!(listen = %addr, "reload: route removed; its open connections drain");
+                let _ = slot.stop.send(true);
+                if let Some(p) = slot.probes {
+                    p.abort();
+                }
+            }
+        }
+        let mut own: Vec<SocketAddr> = Vec::new();
+        for rc in &new.routes {
+            if let Some(slot) = slots.get_mut(&rc.listen) {
+                let prev = slot.current.get();
+                let mut rc = rc.clone();
+                rc.listen = prev.cfg.listen;
+                own.push(rc.listen);
+                if prev.cfg == rc && prev.health_cfg == new.health {
+                    continue;
+                }
+                let route = Arc::new(Route::new(rc, new.health.clone(), Some(&prev)));
+                tracing::info!(route = %route.cfg.name, listen = %route.cfg.listen, "reload: route changed; new connections use it");
+                slot.current.set(route.clone());
+                if let Some(p) = slot.probes.take() {
+                    p.abort();
+                }
+                slot.probes = self.start_health(&route);
+            }
+        }
+        for (rc, l) in fresh {
+            let configured = rc.listen;
+            let mut rc = rc;
+            if let Ok(a) = l.local_addr() {
+                rc.listen = a;
+            }
+            own.push(rc.listen);
+            let route = Arc::new(Route::new(rc, new.health.clone(), None));
+            slots.insert(configured, self.start_slot(route, l, drain));
+        }
+        self.shared.write().unwrap_or_else(|p| p.into_inner()).own = Arc::new(OwnListeners(own));
+        *order = keep;
+        self.publish_routes(slots, order);
+        tracing::info!(routes = order.len(), "configuration reloaded");
+        self.config = new;
     }
 }
 
-/// SIGTERM and SIGINT handlers, installed up front so that a signal
-/// arriving during start-up is not lost (nor the process killed by the
-/// default action).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// SIGTERM, SIGINT and SIGHUP handlers, installed up front so that a
+/// signal arriving during start-up is not lost (nor the process killed by
+/// the default action).
 pub struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -174,14 +426,41 @@ impl Signals {
         Ok(Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
         })
     }
 
-    /// Completes on the first SIGTERM or SIGINT.
-    pub async fn recv(mut self) {
-        tokio::select! {
-            _ = self.term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
-            _ = self.int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+    /// Turns signals into [`Control`]s: SIGHUP re-reads the configuration
+    /// from `path` (an invalid one is logged and ignored), SIGTERM or SIGINT
+    /// asks for shutdown.
+    pub async fn forward(mut self, path: config::ConfigPath, tx: mpsc::Sender<Control>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => {
+                    tracing::info!(signal = "SIGTERM", "shutting down");
+                    break;
+                }
+                _ = self.int.recv() => {
+                    tracing::info!(signal = "SIGINT", "shutting down");
+                    break;
+                }
+                _ = self.hup.recv() => {
+                    tracing::info!(signal = "SIGHUP", "reloading the configuration");
+                    match config::load(&path) {
+                        Ok(c) => {
+                            if tx.send(Control::Reload(Box::new(c))).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            for p in &e.problems {
+                                tracing::error!(problem = %p, "reload refused: invalid configuration; the running one stays");
+                            }
+                        }
+                    }
+                }
+            }
         }
+        let _ = tx.send(Control::Shutdown).await;
     }
 }

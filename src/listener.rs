@@ -3,12 +3,11 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::route::{ClientAddr, Route, Shared, serve};
@@ -19,6 +18,12 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Rejections over the limit are summed into one log line per interval, so
 /// a flood cannot flood the log too.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Completes once `rx` says stop. The guard `wait_for` returns is dropped
+/// here, so callers can hold this future across awaits in `Send` tasks.
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
 
 /// Binds a listener the way a long-running server wants it: address reuse
 /// (a restart does not wait out TIME_WAIT) and a deep backlog.
@@ -33,35 +38,55 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
+/// The route a listener serves now; a reload swaps it for new connections
+/// while open ones keep the one they started with.
+#[derive(Debug)]
+pub struct Current(RwLock<Arc<Route>>);
+
+impl Current {
+    pub fn new(route: Arc<Route>) -> Current {
+        Current(RwLock::new(route))
+    }
+
+    pub fn get(&self) -> Arc<Route> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set(&self, route: Arc<Route>) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = route;
+    }
+}
+
 /// Accepts until `shutdown` turns true. Each accepted connection runs in its
 /// own task holding a clone of `drain`, so the caller can wait for all of
 /// them to finish by waiting for every sender to be dropped.
 pub async fn accept_loop(
     listener: TcpListener,
-    route: Arc<Route>,
-    shared: Shared,
+    current: Arc<Current>,
+    shared: Arc<RwLock<Shared>>,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
 ) {
-    let limit = Arc::new(Semaphore::new(route.cfg.max_connections.get() as usize));
     let mut backoff = ACCEPT_BACKOFF_MIN;
-    let rejected = AtomicU64::new(0);
+    let mut rejected: u64 = 0;
     let mut last_limit_log: Option<Instant> = None;
+    let listen = current.get().cfg.listen;
     loop {
         // The shutdown branch comes first so that a flood of connections
         // cannot keep the loop from stopping.
         let accepted = tokio::select! {
             biased;
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopped(&mut shutdown) => break,
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
                 backoff = ACCEPT_BACKOFF_MIN;
-                match limit.clone().try_acquire_owned() {
+                let route = current.get();
+                route.state.metrics.accepted.increment(1);
+                match route.limit.clone().try_acquire_owned() {
                     Ok(permit) => {
-                        let route = route.clone();
-                        let shared = shared.clone();
+                        let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
                         let drain = drain.clone();
                         tokio::spawn(async move {
                             serve(route, shared, stream, ClientAddr(peer)).await;
@@ -72,42 +97,42 @@ pub async fn accept_loop(
                     Err(_) => {
                         let _ = stream.set_zero_linger();
                         drop(stream);
-                        let n = rejected.fetch_add(1, Ordering::Relaxed) + 1;
+                        route.state.metrics.failed(crate::metrics::FailReason::Limit);
+                        rejected += 1;
                         if last_limit_log.is_none_or(|t| t.elapsed() >= LIMIT_LOG_INTERVAL) {
                             tracing::warn!(
                                 route = %route.cfg.name,
                                 max_connections = route.cfg.max_connections.get(),
-                                rejected = n,
+                                rejected,
                                 "connection limit reached: new connections are reset"
                             );
-                            rejected.store(0, Ordering::Relaxed);
+                            rejected = 0;
                             last_limit_log = Some(Instant::now());
                         }
                     }
                 }
             }
             Err(e) if is_per_connection(&e) => {
-                tracing::debug!(route = %route.cfg.name, error = %e, "accept: connection gone before accept");
+                tracing::debug!(listen = %listen, error = %e, "accept: connection gone before accept");
             }
             Err(e) => {
                 // EMFILE and the like: the condition clears only when other
                 // connections close, so retrying at once would spin.
                 tracing::warn!(
-                    route = %route.cfg.name,
-                    listen = %route.cfg.listen,
+                    listen = %listen,
                     error = %e,
                     backoff_ms = backoff.as_millis() as u64,
                     "accept failed; backing off"
                 );
                 tokio::select! {
-                    _ = shutdown.wait_for(|stop| *stop) => break,
+                    _ = stopped(&mut shutdown) => break,
                     _ = tokio::time::sleep(backoff) => {}
                 }
                 backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }
-    tracing::info!(route = %route.cfg.name, listen = %route.cfg.listen, "listener closed");
+    tracing::info!(listen = %listen, "listener closed");
 }
 
 fn is_per_connection(e: &io::Error) -> bool {

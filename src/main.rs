@@ -50,7 +50,7 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     match cli.command.unwrap_or(Command::Run) {
-        Command::Run => run(config),
+        Command::Run => run(config, path),
         Command::Check => run_check(config),
     }
 }
@@ -70,7 +70,7 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
     }
 }
 
-fn run(config: Config) -> ExitCode {
+fn run(config: Config, path: config::ConfigPath) -> ExitCode {
     let rt = match runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
@@ -97,7 +97,9 @@ fn run(config: Config) -> ExitCode {
             }
         };
         tracing::info!(version = failover_proxy::VERSION, "failover-proxy started");
-        server.run(signals.recv()).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(signals.forward(path, tx));
+        server.serve(rx).await;
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })

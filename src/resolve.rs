@@ -136,6 +136,8 @@ impl ResolveError {
 #[derive(Debug)]
 pub struct Resolution {
     pub result: Result<Answer, ResolveError>,
+    /// What was asked: the hosts file, DNS, or nothing (a literal).
+    pub via: Source,
     /// The DNS (or hosts) failure that a stale answer stands in for.
     pub stale_because: Option<ResolveError>,
     pub elapsed: Duration,
@@ -263,6 +265,7 @@ impl Resolver {
                 };
                 return Resolution {
                     result,
+                    via: Source::Literal,
                     stale_because: None,
                     elapsed: started.elapsed(),
                 };
@@ -291,6 +294,7 @@ impl Resolver {
             };
             return Resolution {
                 result,
+                via: Source::Hosts,
                 stale_because: None,
                 elapsed: started.elapsed(),
             };
@@ -316,6 +320,7 @@ impl Resolver {
                         addrs,
                         at,
                     }),
+                    via: Source::Dns,
                     stale_because: None,
                     elapsed,
                 }
@@ -323,11 +328,13 @@ impl Resolver {
             Err(e) if e.kind().is_failure() => match self.stale_answer(name) {
                 Some(answer) => Resolution {
                     result: Ok(answer),
+                    via: Source::Dns,
                     stale_because: Some(e),
                     elapsed,
                 },
                 None => Resolution {
                     result: Err(e),
+                    via: Source::Dns,
                     stale_because: None,
                     elapsed,
                 },
@@ -340,6 +347,7 @@ impl Resolver {
                 }
                 Resolution {
                     result: Err(e),
+                    via: Source::Dns,
                     stale_because: None,
                     elapsed,
                 }

@@ -2,18 +2,20 @@
 //! it: resolve the alias, order the answer, connect, relay, log.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use crate::config::RouteConfig;
+use crate::config::{HealthConfig, RouteConfig};
 use crate::connect::{Attempt, AttemptResult, AttemptsDisplay, connect_staggered};
-use crate::health::Health;
+use crate::health::{Health, Transition};
+use crate::metrics::{FailReason, RouteMetrics};
 use crate::relay::{Counts, End, relay};
-use crate::resolve::{Resolution, Resolver};
+use crate::resolve::{Answer, ResolveError, Resolver};
 
 /// The address of the client side of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,19 +36,142 @@ impl OwnListeners {
     }
 }
 
+/// What a route knows that outlives a reload of an unchanged route: health,
+/// metrics handles, the open connection count and the last answer.
+#[derive(Debug)]
+pub struct RouteState {
+    pub health: Health,
+    pub metrics: RouteMetrics,
+    pub active: AtomicUsize,
+    /// The last answer: `Some` with no address after NXDOMAIN or an empty
+    /// answer; unchanged by a DNS failure.
+    pub answer: Mutex<Option<Answer>>,
+}
+
 #[derive(Debug)]
 pub struct Route {
     pub cfg: RouteConfig,
-    pub health: Health,
+    pub health_cfg: HealthConfig,
+    pub state: Arc<RouteState>,
+    /// Permits for `max_connections`. A reload that changes the limit makes
+    /// a new semaphore: connections already open keep their old permits.
+    pub limit: Arc<Semaphore>,
 }
 
 impl Route {
-    pub fn new(cfg: RouteConfig, retry_down_after: Duration) -> Route {
+    /// A route for `cfg`, keeping `previous`'s state when it serves the same
+    /// alias and port under the same name (a reload that changed only
+    /// timeouts or limits must not forget which servers are down).
+    pub fn new(cfg: RouteConfig, health_cfg: HealthConfig, previous: Option<&Route>) -> Route {
+        let state = match previous {
+            Some(p)
+                if p.cfg.name == cfg.name
+                    && p.cfg.alias == cfg.alias
+                    && p.cfg.port == cfg.port
+                    && p.health_cfg.retry_down_after == health_cfg.retry_down_after =>
+            {
+                p.state.clone()
+            }
+            _ => Arc::new(RouteState {
+                health: Health::new(health_cfg.retry_down_after),
+                metrics: RouteMetrics::new(&cfg.name),
+                active: AtomicUsize::new(0),
+                answer: Mutex::new(None),
+            }),
+        };
+        let limit = match previous {
+            Some(p) if p.cfg.max_connections == cfg.max_connections => p.limit.clone(),
+            _ => Arc::new(Semaphore::new(cfg.max_connections.get() as usize)),
+        };
         Route {
             cfg,
-            health: Health::new(retry_down_after),
+            health_cfg,
+            state,
+            limit,
         }
     }
+
+    /// Resolves the alias now, recording metrics and the last answer. Used
+    /// by connections and active probes alike.
+    pub async fn resolve(&self, resolver: &Resolver) -> Result<Answer, ResolveError> {
+        let r = resolver.resolve(&self.cfg.alias).await;
+        let m = &self.state.metrics;
+        let error = r.stale_because.as_ref().map(|e| e.kind()).or(r.result.as_ref().err().map(|e| e.kind()));
+        m.resolved(r.via, r.elapsed, error);
+        if let Some(e) = &r.stale_because {
+            m.stale.increment(1);
+            tracing::warn!(
+                route = %self.cfg.name,
+                alias = %self.cfg.alias,
+                error = %e,
+                "dns failed; using the last good answer"
+            );
+        }
+        match &r.result {
+            Ok(a) => *lock(&self.state.answer) = Some(a.clone()),
+            Err(e) if !e.kind().is_failure() => {
+                *lock(&self.state.answer) = Some(Answer {
+                    source: r.via,
+                    addrs: Vec::new(),
+                    at: std::time::SystemTime::now(),
+                });
+            }
+            Err(_) => {}
+        }
+        r.result
+    }
+
+    /// Applies attempt results to health and metrics.
+    pub fn record_attempts(&self, attempts: &[Attempt]) {
+        let now = Instant::now();
+        let st = &self.state;
+        for a in attempts {
+            st.metrics.attempt(a.addr, a.result);
+            if a.result == AttemptResult::Ok {
+                if st.health.mark_up(a.addr) {
+                    self.transition(a.addr, Transition::CameUp, "connected");
+                }
+            } else if a.result.marks_down() && st.health.mark_down(a.addr, now, a.result.as_str()) {
+                self.transition(a.addr, Transition::WentDown, a.result.as_str());
+            }
+        }
+    }
+
+    pub fn transition(&self, addr: SocketAddr, t: Transition, why: &str) {
+        let m = &self.state.metrics;
+        match t {
+            Transition::New => m.backend_up(addr, true),
+            Transition::CameUp => {
+                m.backend_up(addr, true);
+                tracing::info!(route = %self.cfg.name, upstream.addr = %addr, why, "address up");
+            }
+            Transition::WentDown => {
+                m.backend_up(addr, false);
+                tracing::warn!(route = %self.cfg.name, upstream.addr = %addr, why, "address marked down");
+            }
+        }
+    }
+
+    /// Whether the route can serve: resolved at least once, and one address
+    /// of the last answer is not known to be down. `Err` says why not.
+    pub fn ready(&self) -> Result<(), String> {
+        let answer = lock(&self.state.answer);
+        let Some(a) = answer.as_ref() else {
+            return Err("alias not resolved yet".into());
+        };
+        if a.addrs.is_empty() {
+            return Err("alias has no address".into());
+        }
+        let addrs = a.socket_addrs(self.cfg.port);
+        if addrs.iter().all(|x| self.state.health.is_down(*x)) {
+            return Err("every address is down".into());
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Everything one connection needs, cheap to clone per connection.
@@ -74,19 +199,34 @@ impl Outcome {
     }
 }
 
+/// Counts a connection as active for as long as it lives.
+struct Active<'a>(&'a RouteState);
+
+impl<'a> Active<'a> {
+    fn new(st: &'a RouteState) -> Active<'a> {
+        st.active.fetch_add(1, Ordering::Relaxed);
+        st.metrics.active.increment(1.0);
+        Active(st)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active.decrement(1.0);
+    }
+}
+
 /// Serves one client connection to its end. Errors here are logged and
 /// never bubble up: one connection cannot affect the accept loop.
 pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: ClientAddr) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let cfg = &route.cfg;
+    let st = &route.state;
+    let _active = Active::new(st);
 
-    let Resolution {
-        result,
-        stale_because,
-        elapsed: resolve_elapsed,
-    } = shared.resolver.resolve(&cfg.alias).await;
-    let answer = match result {
+    let answer = match route.resolve(&shared.resolver).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(
@@ -97,39 +237,19 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
                 error.kind = e.kind().as_str(),
                 "connection reset: alias did not resolve"
             );
+            st.metrics.failed(FailReason::Resolve);
             reset(client);
-            log_end(
-                &route,
-                peer,
-                None,
-                &[],
-                &Counts::default(),
-                started,
-                Outcome::ResolveFailed,
-            );
+            log_end(&route, peer, None, &[], &Counts::default(), started, Outcome::ResolveFailed);
             return;
         }
     };
-    if let Some(e) = &stale_because {
-        tracing::warn!(
-            route = %cfg.name,
-            alias = %cfg.alias,
-            error = %e,
-            answer.at = ?answer.at,
-            "dns failed; using the last good answer"
-        );
-    }
-    tracing::debug!(
-        route = %cfg.name,
-        source = answer.source.as_str(),
-        addrs = ?answer.addrs,
-        elapsed_ms = resolve_elapsed.as_secs_f64() * 1000.0,
-        "resolved"
-    );
 
-    let plan = route
+    let plan = st
         .health
         .plan(answer.socket_addrs(cfg.port), cfg.order, Instant::now());
+    for a in &plan.new {
+        route.transition(*a, Transition::New, "answer");
+    }
     let mut attempts: Vec<Attempt> = Vec::with_capacity(plan.addrs.len());
     let connected = connect_staggered(
         &plan.addrs,
@@ -139,18 +259,10 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
         &mut attempts,
     )
     .await;
-
-    let now = Instant::now();
-    for a in &attempts {
-        if a.result == AttemptResult::Ok {
-            route.health.mark_up(a.addr);
-        } else if a.result.marks_down() && route.health.mark_down(a.addr, now) {
-            tracing::info!(route = %cfg.name, upstream.addr = %a.addr, result = a.result.as_str(), "address marked down");
-        }
-    }
+    route.record_attempts(&attempts);
     for r in &plan.retries {
         if !attempts.iter().any(|a| a.addr == *r) {
-            route.health.release_retry(*r);
+            st.health.release_retry(*r);
         }
     }
 
@@ -161,19 +273,14 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
             attempts = %AttemptsDisplay(&attempts),
             "connection reset: no server reachable"
         );
+        st.metrics.failed(FailReason::Connect);
         reset(client);
-        log_end(
-            &route,
-            peer,
-            None,
-            &attempts,
-            &Counts::default(),
-            started,
-            Outcome::NoUpstream,
-        );
+        log_end(&route, peer, None, &attempts, &Counts::default(), started, Outcome::NoUpstream);
         return;
     };
+    st.metrics.connect_duration.record(started.elapsed().as_secs_f64());
     if plan.first.is_some_and(|f| f != addr) {
+        st.metrics.failovers.increment(1);
         tracing::warn!(
             route = %cfg.name,
             client.addr = %peer.0,
@@ -189,15 +296,13 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
     if let Some(e) = error {
         tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
     }
-    log_end(
-        &route,
-        peer,
-        Some(addr),
-        &attempts,
-        &counts,
-        started,
-        Outcome::Relayed(end),
-    );
+    st.metrics
+        .bytes_to_upstream
+        .increment(counts.to_upstream.load(Ordering::Relaxed));
+    st.metrics
+        .bytes_to_client
+        .increment(counts.to_client.load(Ordering::Relaxed));
+    log_end(&route, peer, Some(addr), &attempts, &counts, started, Outcome::Relayed(end));
 }
 
 /// Closes with RST so the client sees a refused-like failure at once.
@@ -215,6 +320,12 @@ fn log_end(
     started: Instant,
     outcome: Outcome,
 ) {
+    let elapsed = started.elapsed();
+    route
+        .state
+        .metrics
+        .connection_duration
+        .record(elapsed.as_secs_f64());
     tracing::info!(
         route = %route.cfg.name,
         client.addr = %peer.0,
@@ -222,8 +333,59 @@ fn log_end(
         attempts = %AttemptsDisplay(attempts),
         bytes.to_upstream = counts.to_upstream.load(Ordering::Relaxed),
         bytes.to_client = counts.to_client.load(Ordering::Relaxed),
-        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
         end = outcome.as_str(),
         "connection closed"
     );
+}
+
+/// Active health: every `interval`, resolve the alias the way connections
+/// do and probe each address with a TCP connect, spreading the probes over
+/// the interval so a large answer is not hit all at once.
+pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
+    let cfg = &route.cfg;
+    loop {
+        let round = Instant::now();
+        match route.resolve(&shared.resolver).await {
+            Ok(answer) => {
+                let addrs = answer.socket_addrs(cfg.port);
+                route.state.health.retain(&addrs);
+                let n = addrs.len().max(1) as u32;
+                for (i, addr) in addrs.into_iter().enumerate() {
+                    // Never probe ourselves: the loop guard applies here too.
+                    if shared.own.contains(addr) {
+                        continue;
+                    }
+                    tokio::time::sleep_until(round + interval * i as u32 / n).await;
+                    let route = route.clone();
+                    tokio::spawn(async move {
+                        let result = match crate::connect::connect_one(addr, route.cfg.connect_timeout).await {
+                            // Closed at once: a probe never holds a connection.
+                            Ok(stream) => {
+                                drop(stream);
+                                AttemptResult::Ok
+                            }
+                            Err(e) => crate::connect::classify(&e),
+                        };
+                        route.state.metrics.probe(addr, result);
+                        let hc = &route.health_cfg;
+                        let error = (result != AttemptResult::Ok).then_some(result.as_str());
+                        if let Some(t) = route.state.health.probed(
+                            addr,
+                            error,
+                            hc.down_after.get(),
+                            hc.up_after.get(),
+                            Instant::now(),
+                        ) {
+                            route.transition(addr, t, if error.is_some() { "probe failed" } else { "probe succeeded" });
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                tracing::debug!(route = %cfg.name, error = %e, "health: alias did not resolve");
+            }
+        }
+        tokio::time::sleep_until(round + interval).await;
+    }
 }

@@ -119,7 +119,7 @@ fn write_config(
     std::fs::write(
         &path,
         format!(
-            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {port}\n\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n\n[log]\nformat = \"json\"\n{extra}",
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {port}\n\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}",
             hosts.display()
         ),
     )
@@ -198,7 +198,7 @@ async fn listen_address_in_use_exits_1_naming_it() {
     let cfg = dir.path().join("c.toml");
     std::fs::write(
         &cfg,
-        format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n"),
+        format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"\"\n"),
     )
     .unwrap();
     let out = bin().arg("-c").arg(&cfg).output().unwrap();

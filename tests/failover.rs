@@ -209,7 +209,7 @@ async fn a_down_first_address_regains_its_place_after_retry_down_after() {
     dns.records("cluster.test", &[ip(31), ip(32)]);
     let retry = Duration::from_millis(400);
     let proxy = start(config(&format!(
-        "{}\n[health]\nretry_down_after = \"400ms\"\n",
+        "{}\n[health]\nretry_down_after = \"400ms\"\ninterval = \"0s\"\n",
         route_toml(
             "cluster.test",
             dead.port(),

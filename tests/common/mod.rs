@@ -223,8 +223,19 @@ pub async fn black_hole(at: IpAddr) -> (socket2::Socket, TcpStream, SocketAddr) 
 }
 
 /// Builds a validated config from TOML text (no environment involved).
+/// Unless the text has an `[admin]` table, the admin endpoint goes on
+/// port 0, so that parallel tests never share a port; unless it has a
+/// `[health]` table, active probes are off, so that only the test's own
+/// connections change what is known down.
 pub fn config(toml: &str) -> Config {
-    config::from_figment(&Figment::from(Toml::string(toml))).unwrap_or_else(|e| panic!("{e}"))
+    let mut toml = toml.to_string();
+    if !toml.contains("[admin]") {
+        toml.push_str("\n[admin]\nlisten = \"127.0.0.1:0\"\n");
+    }
+    if !toml.contains("[health]") {
+        toml.push_str("\n[health]\ninterval = \"0s\"\n");
+    }
+    config::from_figment(&Figment::from(Toml::string(&toml))).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The TOML of one route on 127.0.0.1:0 plus a resolver section naming the

@@ -1,0 +1,183 @@
+//! Every metric name and label in one place (SPEC: Metrics).
+//!
+//! Per-route handles are registered once when a route starts, so the
+//! per-connection path increments atomics instead of hashing label sets.
+//! Only the address-labelled series are looked up per event, and their
+//! address values only ever come from an answer.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::connect::AttemptResult;
+use crate::resolve::{ResolveErrorKind, Source};
+
+pub const CONNECTIONS_ACCEPTED: &str = "failover_proxy_connections_accepted_total";
+pub const CONNECTIONS_ACTIVE: &str = "failover_proxy_connections_active";
+pub const CONNECTIONS_FAILED: &str = "failover_proxy_connections_failed_total";
+pub const UPSTREAM_ATTEMPTS: &str = "failover_proxy_upstream_connect_attempts_total";
+pub const HEALTH_PROBES: &str = "failover_proxy_health_probes_total";
+pub const FAILOVERS: &str = "failover_proxy_failovers_total";
+pub const UPSTREAM_CONNECT_DURATION: &str = "failover_proxy_upstream_connect_duration_seconds";
+pub const RESOLVE_DURATION: &str = "failover_proxy_resolve_duration_seconds";
+pub const RESOLVE_ERRORS: &str = "failover_proxy_resolve_errors_total";
+pub const RESOLVE_STALE: &str = "failover_proxy_resolve_stale_total";
+pub const BYTES: &str = "failover_proxy_bytes_total";
+pub const CONNECTION_DURATION: &str = "failover_proxy_connection_duration_seconds";
+pub const BACKEND_UP: &str = "failover_proxy_backend_up";
+pub const BUILD_INFO: &str = "failover_proxy_build_info";
+
+/// Connect and resolve times: 100 µs to 10 s.
+const FAST_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Connection lifetimes: 1 ms to an hour.
+const LIFETIME_BUCKETS: &[f64] = &[
+    0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("cannot install the prometheus recorder")]
+    Install(#[source] metrics_exporter_prometheus::BuildError),
+}
+
+/// Installs the process-wide Prometheus recorder once and returns its
+/// handle; later calls (more servers in one test process) share it.
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let builder = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(UPSTREAM_CONNECT_DURATION.into()), FAST_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RESOLVE_DURATION.into()), FAST_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), LIFETIME_BUCKETS)
+        })
+        .map_err(MetricsError::Install)?;
+    let recorder = builder.build_recorder();
+    let handle = recorder.handle();
+    // Losing the race to another caller is fine: theirs is installed.
+    if metrics::set_global_recorder(recorder).is_ok() {
+        let _ = HANDLE.set(handle);
+        gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
+        describe();
+    }
+    Ok(HANDLE.get().cloned().unwrap_or(handle_fallback()))
+}
+
+/// Unreachable in practice (the recorder was installed above or by an
+/// earlier call); kept so that no path panics.
+fn handle_fallback() -> PrometheusHandle {
+    PrometheusBuilder::new().build_recorder().handle()
+}
+
+fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(CONNECTIONS_ACCEPTED, "Client connections accepted.");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Client connections open now.");
+    describe_counter!(CONNECTIONS_FAILED, "Client connections reset: the alias did not resolve, no address connected, or the route was at max_connections.");
+    describe_counter!(UPSTREAM_ATTEMPTS, "Connection attempts to servers, by result.");
+    describe_counter!(HEALTH_PROBES, "Active health probes, by result.");
+    describe_counter!(FAILOVERS, "Connections served by other than the first listed address.");
+    describe_histogram!(UPSTREAM_CONNECT_DURATION, Unit::Seconds, "From accept to upstream connected.");
+    describe_histogram!(RESOLVE_DURATION, Unit::Seconds, "Alias resolution time, by source.");
+    describe_counter!(RESOLVE_ERRORS, "Failed or negative resolutions, by kind.");
+    describe_counter!(RESOLVE_STALE, "Resolutions answered with the last good answer because DNS failed.");
+    describe_counter!(BYTES, "Bytes relayed, by direction.");
+    describe_histogram!(CONNECTION_DURATION, Unit::Seconds, "Client connection lifetime.");
+    describe_gauge!(BACKEND_UP, "1 when an address is up, 0 when it is known down.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+}
+
+/// Why a client connection was reset: the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailReason {
+    Resolve,
+    Connect,
+    Limit,
+}
+
+/// One route's series.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    route: String,
+    pub accepted: Counter,
+    pub active: Gauge,
+    failed: [Counter; 3],
+    pub failovers: Counter,
+    pub connect_duration: Histogram,
+    resolve_dns: Histogram,
+    resolve_hosts: Histogram,
+    resolve_errors: [Counter; 5],
+    pub stale: Counter,
+    pub bytes_to_upstream: Counter,
+    pub bytes_to_client: Counter,
+    pub connection_duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn new(route: &str) -> RouteMetrics {
+        let r = route.to_string();
+        let failed = |reason: &'static str| counter!(CONNECTIONS_FAILED, "route" => r.clone(), "reason" => reason);
+        let rerr = |kind: ResolveErrorKind| counter!(RESOLVE_ERRORS, "route" => r.clone(), "kind" => kind.as_str());
+        RouteMetrics {
+            accepted: counter!(CONNECTIONS_ACCEPTED, "route" => r.clone()),
+            active: gauge!(CONNECTIONS_ACTIVE, "route" => r.clone()),
+            failed: [failed("resolve"), failed("connect"), failed("limit")],
+            failovers: counter!(FAILOVERS, "route" => r.clone()),
+            connect_duration: histogram!(UPSTREAM_CONNECT_DURATION, "route" => r.clone()),
+            resolve_dns: histogram!(RESOLVE_DURATION, "route" => r.clone(), "source" => "dns"),
+            resolve_hosts: histogram!(RESOLVE_DURATION, "route" => r.clone(), "source" => "hosts"),
+            resolve_errors: [
+                rerr(ResolveErrorKind::NxDomain),
+                rerr(ResolveErrorKind::NoRecords),
+                rerr(ResolveErrorKind::Timeout),
+                rerr(ResolveErrorKind::ServFail),
+                rerr(ResolveErrorKind::Other),
+            ],
+            stale: counter!(RESOLVE_STALE, "route" => r.clone()),
+            bytes_to_upstream: counter!(BYTES, "route" => r.clone(), "direction" => "to_upstream"),
+            bytes_to_client: counter!(BYTES, "route" => r.clone(), "direction" => "to_client"),
+            connection_duration: histogram!(CONNECTION_DURATION, "route" => r.clone()),
+            route: r,
+        }
+    }
+
+    pub fn failed(&self, reason: FailReason) {
+        self.failed[reason as usize].increment(1);
+    }
+
+    /// Records one resolution: its time by source, and its error kind.
+    pub fn resolved(&self, via: Source, elapsed: Duration, error: Option<ResolveErrorKind>) {
+        match via {
+            Source::Hosts => self.resolve_hosts.record(elapsed.as_secs_f64()),
+            Source::Dns | Source::Stale => self.resolve_dns.record(elapsed.as_secs_f64()),
+            Source::Literal => {}
+        }
+        if let Some(kind) = error {
+            self.resolve_errors[kind as usize].increment(1);
+        }
+    }
+
+    pub fn attempt(&self, addr: SocketAddr, result: AttemptResult) {
+        counter!(UPSTREAM_ATTEMPTS, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
+            .increment(1);
+    }
+
+    pub fn probe(&self, addr: SocketAddr, result: AttemptResult) {
+        counter!(HEALTH_PROBES, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
+            .increment(1);
+    }
+
+    pub fn backend_up(&self, addr: SocketAddr, up: bool) {
+        gauge!(BACKEND_UP, "route" => self.route.clone(), "address" => addr.to_string())
+            .set(if up { 1.0 } else { 0.0 });
+    }
+}
