@@ -37,7 +37,11 @@ impl AdminState {
 
 /// Serves until `shutdown` turns true. Errors on one connection are logged
 /// at debug and never stop the endpoint.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     loop {
         let (stream, _) = tokio::select! {
             biased;
@@ -69,7 +73,11 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, mut shutdown: 
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Full<Bytes>> {
+fn text(
+    status: StatusCode,
+    body: impl Into<Bytes>,
+    content_type: &'static str,
+) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut()
@@ -79,7 +87,11 @@ fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) 
 
 fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n", "text/plain; charset=utf-8");
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "only GET\n",
+            "text/plain; charset=utf-8",
+        );
     }
     match req.uri().path() {
         "/metrics" => text(
@@ -109,7 +121,11 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
             status_json(state).to_string(),
             "application/json",
         ),
-        _ => text(StatusCode::NOT_FOUND, "not found\n", "text/plain; charset=utf-8"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found\n",
+            "text/plain; charset=utf-8",
+        ),
     }
 }
 

@@ -770,7 +770,9 @@ impl Reader<'_> {
                 }
             };
             if let Some(r) = self.route(item, d, &prefix) {
-                if !listens.insert(r.listen) && r.listen.port() != 0 {
+                // Routes are matched by `listen` on reload, so even two
+                // port-0 listeners on one IP would be ambiguous.
+                if !listens.insert(r.listen) {
                     self.problem(
                         d,
                         &prefix,

@@ -86,7 +86,11 @@ struct Table {
 }
 
 impl Table {
-    fn entry(&mut self, addr: SocketAddr, changes: &mut Vec<(SocketAddr, Transition)>) -> &mut AddrState {
+    fn entry(
+        &mut self,
+        addr: SocketAddr,
+        changes: &mut Vec<(SocketAddr, Transition)>,
+    ) -> &mut AddrState {
         if self.states.len() >= MAX_ADDRS && !self.states.contains_key(&addr) {
             // Forget the up addresses: nothing is lost but their "since".
             self.states.retain(|_, s| s.down.is_some());
@@ -249,7 +253,8 @@ impl Health {
                     s.last_error = Some(e);
                     s.probe_ok = 0;
                     s.probe_failed = s.probe_failed.saturating_add(1);
-                    (s.down.is_none() && s.probe_failed >= down_after).then_some(Transition::WentDown)
+                    (s.down.is_none() && s.probe_failed >= down_after)
+                        .then_some(Transition::WentDown)
                 }
             }
         };
@@ -311,9 +316,16 @@ mod tests {
         let a = SocketAddr::from(([127, 0, 0, 1], 80));
         let now = Instant::now();
         assert_eq!(h.probed(a, Some("refused"), 2, 3, now), None);
-        assert_eq!(h.probed(a, None, 2, 3, now), None, "a success resets the failure count");
+        assert_eq!(
+            h.probed(a, None, 2, 3, now),
+            None,
+            "a success resets the failure count"
+        );
         assert_eq!(h.probed(a, Some("refused"), 2, 3, now), None);
-        assert_eq!(h.probed(a, Some("refused"), 2, 3, now), Some(Transition::WentDown));
+        assert_eq!(
+            h.probed(a, Some("refused"), 2, 3, now),
+            Some(Transition::WentDown)
+        );
         assert!(h.is_down(a));
         assert_eq!(h.probed(a, None, 2, 3, now), None);
         assert_eq!(h.probed(a, None, 2, 3, now), None);

@@ -141,7 +141,10 @@ impl Server {
             own.push(bound);
             let mut rc = rc.clone();
             rc.listen = bound;
-            pending.push((Arc::new(Route::new(rc, config.health.clone(), None)), listener));
+            pending.push((
+                Arc::new(Route::new(rc, config.health.clone(), None)),
+                listener,
+            ));
         }
         let (admin_listener, admin) = match config.admin.listen {
             None => (None, None),
@@ -175,7 +178,9 @@ impl Server {
 
     /// The bound admin address, if the endpoint is on.
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_listener.as_ref().and_then(|l| l.local_addr().ok())
+        self.admin_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` completes. A shorthand for [`Server::serve`]
@@ -225,15 +230,11 @@ impl Server {
         service::ready();
         let watchdog = service::spawn_watchdog();
 
-        loop {
-            match control.recv().await {
-                Some(Control::Reload(new)) => {
-                    service::reloading();
-                    self.reload(*new, &mut slots, &mut order, &drain_tx);
-                    service::ready();
-                }
-                Some(Control::Shutdown) | None => break,
-            }
+        // Shutdown, or every sender gone, ends the loop.
+        while let Some(Control::Reload(new)) = control.recv().await {
+            service::reloading();
+            self.reload(*new, &mut slots, &mut order, &drain_tx);
+            service::ready();
         }
 
         service::stopping();
@@ -258,7 +259,9 @@ impl Server {
         tracing::info!(drain_timeout = ?drain, "stopped accepting; draining open connections");
         match tokio::time::timeout(drain, drain_rx.recv()).await {
             Ok(_) => tracing::info!("all connections finished"),
-            Err(_) => tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections"),
+            Err(_) => {
+                tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections")
+            }
         }
     }
 
@@ -273,7 +276,12 @@ impl Server {
         }
     }
 
-    fn start_slot(&self, route: Arc<Route>, listener: TcpListener, drain: &mpsc::Sender<()>) -> Slot {
+    fn start_slot(
+        &self,
+        route: Arc<Route>,
+        listener: TcpListener,
+        drain: &mpsc::Sender<()>,
+    ) -> Slot {
         tracing::info!(
             route = %route.cfg.name,
             listen = %route.cfg.listen,
@@ -302,13 +310,21 @@ impl Server {
     /// Resolves once at start (so `/readyz` and the log know at once), then
     /// runs active probes when `health.interval` is set.
     fn start_health(&self, route: &Arc<Route>) -> Option<JoinHandle<()>> {
-        let shared = self.shared.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let shared = self
+            .shared
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let interval = route.health_cfg.interval;
         let route = route.clone();
         Some(tokio::spawn(async move {
             match route.resolve(&shared.resolver).await {
-                Ok(a) => tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved"),
-                Err(e) => tracing::warn!(route = %route.cfg.name, alias = %route.cfg.alias, error = %e, "alias does not resolve yet"),
+                Ok(a) => {
+                    tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved")
+                }
+                Err(e) => {
+                    tracing::warn!(route = %route.cfg.name, alias = %route.cfg.alias, error = %e, "alias does not resolve yet")
+                }
             }
             if let Some(interval) = interval {
                 route::probe_loop(route, shared, interval).await;
@@ -329,12 +345,17 @@ impl Server {
     ) {
         let old = &self.config;
         if new.admin != old.admin || new.runtime != old.runtime || new.log != old.log {
-            tracing::warn!("reload: admin, log and runtime settings take effect only after a restart");
+            tracing::warn!(
+                "reload: admin, log and runtime settings take effect only after a restart"
+            );
         }
         if new.resolver != old.resolver {
             match Resolver::new(&new.resolver) {
                 Ok(r) => {
-                    self.shared.write().unwrap_or_else(|p| p.into_inner()).resolver = Arc::new(r);
+                    self.shared
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .resolver = Arc::new(r);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "reload: cannot build the new resolver; keeping the running configuration");
@@ -344,7 +365,11 @@ impl Server {
         }
         // Bind every new listener first, so a failure leaves all as it was.
         let mut fresh = Vec::new();
-        for rc in new.routes.iter().filter(|rc| !slots.contains_key(&rc.listen)) {
+        for rc in new
+            .routes
+            .iter()
+            .filter(|rc| !slots.contains_key(&rc.listen))
+        {
             match bind_route(rc, &mut self.inherited) {
                 Ok(l) => fresh.push((rc.clone(), l)),
                 Err(e) => {

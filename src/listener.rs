@@ -97,7 +97,10 @@ pub async fn accept_loop(
                     Err(_) => {
                         let _ = stream.set_zero_linger();
                         drop(stream);
-                        route.state.metrics.failed(crate::metrics::FailReason::Limit);
+                        route
+                            .state
+                            .metrics
+                            .failed(crate::metrics::FailReason::Limit);
                         rejected += 1;
                         if last_limit_log.is_none_or(|t| t.elapsed() >= LIMIT_LOG_INTERVAL) {
                             tracing::warn!(

@@ -55,8 +55,13 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         return Ok(h.clone());
     }
     let builder = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full(UPSTREAM_CONNECT_DURATION.into()), FAST_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RESOLVE_DURATION.into()), FAST_BUCKETS))
+        .set_buckets_for_metric(
+            Matcher::Full(UPSTREAM_CONNECT_DURATION.into()),
+            FAST_BUCKETS,
+        )
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full(RESOLVE_DURATION.into()), FAST_BUCKETS)
+        })
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), LIFETIME_BUCKETS)
         })
@@ -82,18 +87,48 @@ fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_counter!(CONNECTIONS_ACCEPTED, "Client connections accepted.");
     describe_gauge!(CONNECTIONS_ACTIVE, "Client connections open now.");
-    describe_counter!(CONNECTIONS_FAILED, "Client connections reset: the alias did not resolve, no address connected, or the route was at max_connections.");
-    describe_counter!(UPSTREAM_ATTEMPTS, "Connection attempts to servers, by result.");
+    describe_counter!(
+        CONNECTIONS_FAILED,
+        "Client connections reset: the alias did not resolve, no address connected, or the route was at max_connections."
+    );
+    describe_counter!(
+        UPSTREAM_ATTEMPTS,
+        "Connection attempts to servers, by result."
+    );
     describe_counter!(HEALTH_PROBES, "Active health probes, by result.");
-    describe_counter!(FAILOVERS, "Connections served by other than the first listed address.");
-    describe_histogram!(UPSTREAM_CONNECT_DURATION, Unit::Seconds, "From accept to upstream connected.");
-    describe_histogram!(RESOLVE_DURATION, Unit::Seconds, "Alias resolution time, by source.");
+    describe_counter!(
+        FAILOVERS,
+        "Connections served by other than the first listed address."
+    );
+    describe_histogram!(
+        UPSTREAM_CONNECT_DURATION,
+        Unit::Seconds,
+        "From accept to upstream connected."
+    );
+    describe_histogram!(
+        RESOLVE_DURATION,
+        Unit::Seconds,
+        "Alias resolution time, by source."
+    );
     describe_counter!(RESOLVE_ERRORS, "Failed or negative resolutions, by kind.");
-    describe_counter!(RESOLVE_STALE, "Resolutions answered with the last good answer because DNS failed.");
+    describe_counter!(
+        RESOLVE_STALE,
+        "Resolutions answered with the last good answer because DNS failed."
+    );
     describe_counter!(BYTES, "Bytes relayed, by direction.");
-    describe_histogram!(CONNECTION_DURATION, Unit::Seconds, "Client connection lifetime.");
-    describe_gauge!(BACKEND_UP, "1 when an address is up, 0 when it is known down.");
-    describe_gauge!(BUILD_INFO, "Always 1; the version label says which build runs.");
+    describe_histogram!(
+        CONNECTION_DURATION,
+        Unit::Seconds,
+        "Client connection lifetime."
+    );
+    describe_gauge!(
+        BACKEND_UP,
+        "1 when an address is up, 0 when it is known down."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
 }
 
 /// Why a client connection was reset: the `reason` label.

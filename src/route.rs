@@ -96,7 +96,11 @@ impl Route {
     pub async fn resolve(&self, resolver: &Resolver) -> Result<Answer, ResolveError> {
         let r = resolver.resolve(&self.cfg.alias).await;
         let m = &self.state.metrics;
-        let error = r.stale_because.as_ref().map(|e| e.kind()).or(r.result.as_ref().err().map(|e| e.kind()));
+        let error = r.stale_because.as_ref().map(|e| e.kind()).or(r
+            .result
+            .as_ref()
+            .err()
+            .map(|e| e.kind()));
         m.resolved(r.via, r.elapsed, error);
         if let Some(e) = &r.stale_because {
             m.stale.increment(1);
@@ -239,7 +243,15 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
             );
             st.metrics.failed(FailReason::Resolve);
             reset(client);
-            log_end(&route, peer, None, &[], &Counts::default(), started, Outcome::ResolveFailed);
+            log_end(
+                &route,
+                peer,
+                None,
+                &[],
+                &Counts::default(),
+                started,
+                Outcome::ResolveFailed,
+            );
             return;
         }
     };
@@ -275,10 +287,20 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
         );
         st.metrics.failed(FailReason::Connect);
         reset(client);
-        log_end(&route, peer, None, &attempts, &Counts::default(), started, Outcome::NoUpstream);
+        log_end(
+            &route,
+            peer,
+            None,
+            &attempts,
+            &Counts::default(),
+            started,
+            Outcome::NoUpstream,
+        );
         return;
     };
-    st.metrics.connect_duration.record(started.elapsed().as_secs_f64());
+    st.metrics
+        .connect_duration
+        .record(started.elapsed().as_secs_f64());
     if plan.first.is_some_and(|f| f != addr) {
         st.metrics.failovers.increment(1);
         tracing::warn!(
@@ -302,7 +324,15 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
     st.metrics
         .bytes_to_client
         .increment(counts.to_client.load(Ordering::Relaxed));
-    log_end(&route, peer, Some(addr), &attempts, &counts, started, Outcome::Relayed(end));
+    log_end(
+        &route,
+        peer,
+        Some(addr),
+        &attempts,
+        &counts,
+        started,
+        Outcome::Relayed(end),
+    );
 }
 
 /// Closes with RST so the client sees a refused-like failure at once.
@@ -359,7 +389,12 @@ pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
                     tokio::time::sleep_until(round + interval * i as u32 / n).await;
                     let route = route.clone();
                     tokio::spawn(async move {
-                        let result = match crate::connect::connect_one(addr, route.cfg.connect_timeout).await {
+                        let result = match crate::connect::connect_one(
+                            addr,
+                            route.cfg.connect_timeout,
+                        )
+                        .await
+                        {
                             // Closed at once: a probe never holds a connection.
                             Ok(stream) => {
                                 drop(stream);
@@ -377,7 +412,15 @@ pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
                             hc.up_after.get(),
                             Instant::now(),
                         ) {
-                            route.transition(addr, t, if error.is_some() { "probe failed" } else { "probe succeeded" });
+                            route.transition(
+                                addr,
+                                t,
+                                if error.is_some() {
+                                    "probe failed"
+                                } else {
+                                    "probe succeeded"
+                                },
+                            );
                         }
                     });
                 }

@@ -78,7 +78,10 @@ pub fn inherited_listeners() -> Vec<(SocketAddr, std::net::TcpListener)> {
             && socket.is_listener().unwrap_or(false);
         match (ok, socket.local_addr().ok().and_then(|a| a.as_socket())) {
             (true, Some(addr)) => out.push((addr, socket.into())),
-            _ => tracing::warn!(fd, "inherited descriptor is not a listening tcp socket; closing it"),
+            _ => tracing::warn!(
+                fd,
+                "inherited descriptor is not a listening tcp socket; closing it"
+            ),
         }
     }
     out

@@ -3,109 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
-use std::time::Duration;
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-const BIN: &str = env!("CARGO_BIN_EXE_failover-proxy");
-
-/// A command for the binary with none of this process's FAILOVER_PROXY_*
-/// or RUST_LOG variables leaking in.
-fn bin() -> Command {
-    let mut c = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("FAILOVER_PROXY_") {
-            c.env_remove(k);
-        }
-    }
-    c.env_remove("RUST_LOG");
-    c.stdin(Stdio::null());
-    c
-}
-
-struct Running {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-}
-
-impl Running {
-    fn spawn(config: &Path) -> Running {
-        let mut child = bin()
-            .arg("--config")
-            .arg(config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn failover-proxy");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, lines) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Running { child, lines }
-    }
-
-    /// Waits for a log line containing `needle`; the timeout only stops a hang.
-    fn wait_line(&self, needle: &str) -> String {
-        let deadline = std::time::Instant::now() + HANG;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no log line containing {needle:?}"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        // The shell's built-in kill: no procps package needed.
-        let ok = Command::new("sh")
-            .arg("-c")
-            .arg(format!("kill -{sig} {}", self.child.id()))
-            .status()
-            .expect("run kill")
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    fn wait_exit(&mut self) -> i32 {
-        let deadline = std::time::Instant::now() + HANG;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                return st.code().expect("exited by a signal, not cleanly");
-            }
-            assert!(std::time::Instant::now() < deadline, "proxy did not exit");
-            // Exit is only observable by polling the child.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `"listen":"127.0.0.1:PORT"` from a JSON log line.
-fn listen_addr(line: &str) -> SocketAddr {
-    let start = line.find("\"listen\":\"").expect("listen field") + 10;
-    let end = start + line[start..].find('"').expect("end quote");
-    line[start..end].parse().expect("listen address")
-}
 
 fn write_config(
     dir: &Path,

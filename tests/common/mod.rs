@@ -3,12 +3,15 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::io;
+use std::io::{self, BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use failover_proxy::{Config, Server, config};
+use failover_proxy::{Config, Control, Server, config};
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
@@ -16,7 +19,7 @@ use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 /// Only stops a hung test; never what a test waits for.
@@ -256,7 +259,8 @@ pub fn resolver_toml(dns: SocketAddr, hosts: Option<&std::path::Path>) -> String
 /// The proxy running in-process.
 pub struct Proxy {
     pub addrs: Vec<SocketAddr>,
-    stop: Option<oneshot::Sender<()>>,
+    pub admin: Option<SocketAddr>,
+    pub control: mpsc::Sender<Control>,
     pub task: Option<JoinHandle<()>>,
 }
 
@@ -266,9 +270,7 @@ impl Proxy {
     }
 
     pub async fn shutdown(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
+        let _ = self.control.send(Control::Shutdown).await;
         if let Some(t) = self.task.take() {
             within("proxy shutdown", t).await.expect("proxy task");
         }
@@ -286,14 +288,55 @@ impl Drop for Proxy {
 pub fn start(cfg: Config) -> Proxy {
     let server = Server::bind(cfg).expect("bind proxy");
     let addrs = server.local_addrs();
-    let (tx, rx) = oneshot::channel();
-    let task = tokio::spawn(server.run(async {
-        let _ = rx.await;
-    }));
+    let admin = server.admin_addr();
+    let (control, rx) = mpsc::channel(1);
+    let task = tokio::spawn(server.serve(rx));
     Proxy {
         addrs,
-        stop: Some(tx),
+        admin,
+        control,
         task: Some(task),
+    }
+}
+
+/// A plain HTTP/1.1 GET; returns the status code and the body.
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    within("http response", async {
+        let mut s = TcpStream::connect(addr).await.expect("connect admin");
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .expect("send request");
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.expect("read response");
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        (code, body.to_string())
+    })
+    .await
+}
+
+/// Polls `check` until it holds: for conditions that become true through
+/// the proxy's own timers or background tasks. The deadline only stops a
+/// hang.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + HANG;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -336,4 +379,101 @@ pub async fn assert_reset(proxy: SocketAddr) {
         ),
         Ok((id, _)) => panic!("expected a reset, was served by {id}"),
     }
+}
+
+// The real binary, run as a child process.
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_failover-proxy");
+
+/// A command for the binary with none of this process's FAILOVER_PROXY_*
+/// or RUST_LOG variables leaking in.
+pub fn bin() -> Command {
+    let mut c = Command::new(BIN);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FAILOVER_PROXY_") {
+            c.env_remove(k);
+        }
+    }
+    c.env_remove("RUST_LOG");
+    c.stdin(Stdio::null());
+    c
+}
+
+pub struct Running {
+    pub child: Child,
+    pub lines: std_mpsc::Receiver<String>,
+}
+
+impl Running {
+    pub fn spawn(config: &Path) -> Running {
+        Running::spawn_with(bin().arg("--config").arg(config))
+    }
+
+    pub fn spawn_with(cmd: &mut Command) -> Running {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn failover-proxy");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = std_mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Waits for a log line containing `needle`; the timeout only stops a hang.
+    pub fn wait_line(&self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => {}
+                Err(_) => panic!("no log line containing {needle:?}"),
+            }
+        }
+    }
+
+    pub fn signal(&self, sig: &str) {
+        // The shell's built-in kill: no procps package needed.
+        let ok = Command::new("sh")
+            .arg("-c")
+            .arg(format!("kill -{sig} {}", self.child.id()))
+            .status()
+            .expect("run kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    pub fn wait_exit(&mut self) -> i32 {
+        let deadline = std::time::Instant::now() + HANG;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                return st.code().expect("exited by a signal, not cleanly");
+            }
+            assert!(std::time::Instant::now() < deadline, "proxy did not exit");
+            // Exit is only observable by polling the child.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `"listen":"127.0.0.1:PORT"` from a JSON log line.
+pub fn listen_addr(line: &str) -> SocketAddr {
+    let start = line.find("\"listen\":\"").expect("listen field") + 10;
+    let end = start + line[start..].find('"').expect("end quote");
+    line[start..end].parse().expect("listen address")
 }

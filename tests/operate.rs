@@ -1,0 +1,337 @@
+//! Operating the proxy: Prometheus metrics, `/readyz`, `/status`, `/healthz`
+//! and active health, through the admin endpoint of an in-process proxy.
+//! The metrics recorder is process-wide, so each test uses its own route
+//! names and asserts only on its own series.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The value of one series in a Prometheus text scrape.
+fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let got: Vec<(&str, &str)> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            (got.len() == labels.len() && labels.iter().all(|l| got.contains(l)))
+                .then(|| value.parse().ok())?
+        })
+}
+
+async fn scrape(admin: SocketAddr) -> String {
+    let (code, body) = http_get(admin, "/metrics").await;
+    assert_eq!(code, 200);
+    body
+}
+
+/// One full exchange through the proxy: read the id line, echo a byte,
+/// close, and wait for the end.
+async fn exchange(proxy: SocketAddr) -> String {
+    let (id, mut s) = within("served", served_by(proxy)).await.expect("served");
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    within("echo", s.read_exact(&mut b)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("close", s.read_to_end(&mut rest)).await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn a_scrape_after_failover_shows_the_counters_with_their_labels() {
+    let dns = DnsServer::start().await;
+    let (_hold, dead) = refusing(ip(71));
+    let port = dead.port();
+    let _live = backend_on(SocketAddr::new(ip(72), port), "b72").await;
+    let (_hold2, gone) = refusing(ip(73));
+    dns.records("mf.test", &[ip(71), ip(72)]);
+    dns.records("mf-dead.test", &[ip(73)]);
+    let cfg = config(&format!(
+        "[[route]]\nname = \"mf\"\nlisten = \"127.0.0.70:0\"\nalias = \"mf.test\"\nport = {port}\n\
+         [[route]]\nname = \"mf-dead\"\nlisten = \"127.0.0.74:0\"\nalias = \"mf-dead.test\"\nport = {}\n\
+         [[route]]\nname = \"mf-nx\"\nlisten = \"127.0.0.75:0\"\nalias = \"mf-nx.test\"\nport = 1\n\
+         [health]\ninterval = \"0s\"\nretry_down_after = \"30s\"\n[resolver]\n{}",
+        gone.port(),
+        resolver_toml(dns.addr, None)
+    ));
+    let proxy = start(cfg);
+    let admin = proxy.admin.expect("admin endpoint");
+    for _ in 0..3 {
+        assert_eq!(exchange(proxy.addrs[0]).await, "b72");
+    }
+    assert_reset(proxy.addrs[1]).await;
+    assert_reset(proxy.addrs[2]).await;
+    // Byte counts are added when a connection ends; wait for all to end.
+    eventually("no active connection", || async {
+        let s = scrape(admin).await;
+        ["mf", "mf-dead", "mf-nx"]
+            .iter()
+            .all(|r| sample(&s, "failover_proxy_connections_active", &[("route", r)]) == Some(0.0))
+    })
+    .await;
+
+    let s = scrape(admin).await;
+    let a71 = format!("127.0.0.71:{port}");
+    let a72 = format!("127.0.0.72:{port}");
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        sample(&s, name, labels).unwrap_or_else(|| panic!("{name} {labels:?} missing in:\n{s}"))
+    };
+    assert_eq!(
+        get(
+            "failover_proxy_connections_accepted_total",
+            &[("route", "mf")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        get("failover_proxy_failovers_total", &[("route", "mf")]),
+        3.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_upstream_connect_attempts_total",
+            &[("route", "mf"), ("address", &a71), ("result", "refused")]
+        ),
+        1.0,
+        "a down address is not tried again before retry_down_after"
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_upstream_connect_attempts_total",
+            &[("route", "mf"), ("address", &a72), ("result", "ok")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_backend_up",
+            &[("route", "mf"), ("address", &a71)]
+        ),
+        0.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_backend_up",
+            &[("route", "mf"), ("address", &a72)]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_bytes_total",
+            &[("route", "mf"), ("direction", "to_upstream")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_bytes_total",
+            &[("route", "mf"), ("direction", "to_client")]
+        ),
+        15.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_upstream_connect_duration_seconds_count",
+            &[("route", "mf")]
+        ),
+        3.0
+    );
+    assert!(
+        get(
+            "failover_proxy_upstream_connect_duration_seconds_bucket",
+            &[("route", "mf"), ("le", "10")]
+        ) >= 3.0
+    );
+    assert!(
+        get(
+            "failover_proxy_resolve_duration_seconds_count",
+            &[("route", "mf"), ("source", "dns")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_connection_duration_seconds_count",
+            &[("route", "mf")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_connections_failed_total",
+            &[("route", "mf-dead"), ("reason", "connect")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_connections_failed_total",
+            &[("route", "mf-nx"), ("reason", "resolve")]
+        ),
+        1.0
+    );
+    assert!(
+        get(
+            "failover_proxy_resolve_errors_total",
+            &[("route", "mf-nx"), ("kind", "nxdomain")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        get(
+            "failover_proxy_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    // Every address label is one the answers held.
+    for l in s.lines().filter(|l| l.contains("address=\"")) {
+        let a = l
+            .split("address=\"")
+            .nth(1)
+            .and_then(|r| r.split('"').next())
+            .unwrap();
+        assert!(
+            a.starts_with("127.0.0.71:")
+                || a.starts_with("127.0.0.72:")
+                || a.starts_with("127.0.0.73:")
+                || !l.contains("route=\"mf"),
+            "unexpected address label: {l}"
+        );
+    }
+
+    // promtool, from Debian's prometheus package, lints the exposition.
+    let mut child = tokio::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed (apt-get install prometheus; .ci/run does it)");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(s.as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = within("promtool", child.wait_with_output()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn readyz_follows_active_health_and_status_shows_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let server = std::net::TcpListener::bind(SocketAddr::new(ip(76), 0)).unwrap();
+    let addr = server.local_addr().unwrap();
+    std::fs::write(&hosts, format!("{} ready.test\n", ip(76))).unwrap();
+    let dns = DnsServer::start().await;
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"rz\"\nlisten = \"127.0.0.77:0\"\nalias = \"ready.test\"\nport = {}\n\
+         [health]\ninterval = \"100ms\"\ndown_after = 2\nup_after = 2\n[resolver]\n{}",
+        addr.port(),
+        resolver_toml(dns.addr, Some(&hosts))
+    )));
+    let admin = proxy.admin.expect("admin endpoint");
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+    assert_eq!(http_get(admin, "/nope").await.0, 404);
+    eventually("ready after the first resolution", || async {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
+
+    // The only server goes away: probes mark it down, the route is not ready.
+    drop(server);
+    eventually("503 once the address is down", || async {
+        http_get(admin, "/readyz").await.0 == 503
+    })
+    .await;
+    let (_, body) = http_get(admin, "/readyz").await;
+    assert!(body.contains("rz"), "503 names the route: {body}");
+    let (_, status) = http_get(admin, "/status").await;
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let route = &v["routes"][0];
+    assert_eq!(route["name"], "rz");
+    assert_eq!(route["answer"]["source"], "hosts");
+    assert_eq!(route["answer"]["addresses"][0], addr.to_string());
+    assert_eq!(route["addresses"][0]["state"], "down");
+    assert_eq!(route["addresses"][0]["last_error"], "refused");
+    assert!(
+        route["addresses"][0]["since"]
+            .as_str()
+            .unwrap()
+            .ends_with('Z')
+    );
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+
+    // It comes back: after up_after good probes the route is ready again.
+    let _server = std::net::TcpListener::bind(addr).unwrap();
+    eventually("200 once the address is up", || async {
+        http_get(admin, "/readyz").await.0 == 200
+    })
+    .await;
+    let (_, status) = http_get(admin, "/status").await;
+    let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(v["routes"][0]["addresses"][0]["state"], "up");
+    let s = scrape(admin).await;
+    let a = addr.to_string();
+    assert!(
+        sample(
+            &s,
+            "failover_proxy_health_probes_total",
+            &[("route", "rz"), ("address", &a), ("result", "refused")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+    assert!(
+        sample(
+            &s,
+            "failover_proxy_health_probes_total",
+            &[("route", "rz"), ("address", &a), ("result", "ok")]
+        )
+        .unwrap_or(0.0)
+            >= 2.0
+    );
+    // Probes are not connection attempts.
+    assert_eq!(
+        sample(
+            &s,
+            "failover_proxy_upstream_connect_attempts_total",
+            &[("route", "rz"), ("address", &a), ("result", "ok")]
+        ),
+        None
+    );
+}
+
+#[tokio::test]
+async fn readyz_is_503_while_an_alias_does_not_resolve() {
+    let dns = DnsServer::start().await;
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"nx\"\nlisten = \"127.0.0.78:0\"\nalias = \"missing.test\"\nport = 1\n[resolver]\n{}",
+        resolver_toml(dns.addr, None)
+    )));
+    let admin = proxy.admin.unwrap();
+    eventually("startup resolution done", || async {
+        let (code, body) = http_get(admin, "/readyz").await;
+        code == 503 && body.contains("nx: alias has no address")
+    })
+    .await;
+}

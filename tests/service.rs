@@ -1,0 +1,214 @@
+//! The real binary under a service manager's hand: SIGHUP reload,
+//! sd_notify messages, and socket activation.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixDatagram};
+
+fn route(name: &str, listen: &str, alias: &str, port: u16) -> String {
+    format!(
+        "[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nalias = \"{alias}\"\nport = {port}\n"
+    )
+}
+
+fn tail(hosts: &Path) -> String {
+    format!(
+        "[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n[log]\nformat = \"json\"\n[admin]\nlisten = \"\"\n[health]\ninterval = \"0s\"\n",
+        hosts.display()
+    )
+}
+
+/// The bound address of route `name` from its "listening" log line.
+fn listening(p: &Running, name: &str) -> SocketAddr {
+    let needle = format!("\"route\":\"{name}\"");
+    loop {
+        let l = p.wait_line("\"listening\"");
+        if l.contains(&needle) {
+            return listen_addr(&l);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_and_removes_routes_and_ignores_an_invalid_file() {
+    let ba = backend(ip(84), "a").await;
+    let bb = backend(ip(85), "b").await;
+    let bc = backend(ip(86), "c").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.84 a.test\n127.0.0.85 b.test\n127.0.0.86 c.test\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}{}",
+            route("a", "127.0.0.81:0", "a.test", ba.addr.port()),
+            route("c", "127.0.0.83:0", "c.test", bc.addr.port()),
+            tail(&hosts)
+        ),
+    )
+    .unwrap();
+    let p = Running::spawn(&cfg);
+    let a = listening(&p, "a");
+    let c = listening(&p, "c");
+    assert_eq!(id_via(a).await, "a");
+    let (id, mut held) = within("held connection", served_by(c)).await.unwrap();
+    assert_eq!(id, "c");
+
+    // Remove a, add b, keep c (with a changed timeout).
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}connect_timeout = \"3s\"\n{}",
+            route("b", "127.0.0.82:0", "b.test", bb.addr.port()),
+            route("c", "127.0.0.83:0", "c.test", bc.addr.port()),
+            tail(&hosts)
+        ),
+    )
+    .unwrap();
+    p.signal("HUP");
+    let b = listening(&p, "b");
+    p.wait_line("configuration reloaded");
+    assert_eq!(id_via(b).await, "b");
+    assert_eq!(
+        TcpStream::connect(a)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "the removed route stops accepting"
+    );
+    assert_eq!(id_via(c).await, "c");
+    // The connection opened before the reload is untouched.
+    held.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within("echo on the held connection", held.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // An invalid file is refused and everything keeps serving.
+    std::fs::write(
+        &cfg,
+        "[[route]]\nlisten = \"127.0.0.82:0\"\nalias = \"bad_alias\"\nport = 1\n",
+    )
+    .unwrap();
+    p.signal("HUP");
+    p.wait_line("reload refused");
+    assert_eq!(id_via(b).await, "b");
+    assert_eq!(id_via(c).await, "c");
+    held.write_all(b"pong").await.unwrap();
+    within("echo after the refused reload", held.read_exact(&mut buf))
+        .await
+        .unwrap();
+    assert_eq!(&buf, b"pong");
+}
+
+/// Receives one sd_notify datagram; the timeout only stops a hang.
+async fn notified(sock: &UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = within("an sd_notify message", sock.recv(&mut buf))
+        .await
+        .unwrap();
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sd_notify_says_ready_reloading_and_stopping_at_the_right_moments() {
+    let bk = backend(ip(87), "n").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.87 n.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            route("n", "127.0.0.88:0", "n.test", bk.addr.port()),
+            tail(&hosts)
+        ),
+    )
+    .unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+
+    let mut p = Running::spawn_with(bin().arg("-c").arg(&cfg).env("NOTIFY_SOCKET", &sock_path));
+    let ready = notified(&sock).await;
+    assert_eq!(ready.trim(), "READY=1");
+    // READY=1 comes once the listener is bound: it serves now.
+    let addr = listening(&p, "n");
+    assert_eq!(id_via(addr).await, "n");
+
+    p.signal("HUP");
+    let reloading = notified(&sock).await;
+    assert!(reloading.contains("RELOADING=1"), "{reloading}");
+    assert!(
+        reloading.contains("MONOTONIC_USEC="),
+        "systemd 253+ needs it: {reloading}"
+    );
+    assert_eq!(notified(&sock).await.trim(), "READY=1");
+
+    let (_, open) = within("open connection", served_by(addr)).await.unwrap();
+    p.signal("TERM");
+    assert_eq!(notified(&sock).await.trim(), "STOPPING=1");
+    drop(open);
+    assert_eq!(p.wait_exit(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn socket_activation_serves_on_the_inherited_socket() {
+    let bk = backend(ip(89), "sa").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.89 sa.test\n").unwrap();
+    // systemd-socket-activate binds the address itself; it needs a port
+    // known in advance. A port freed just before can be taken by another
+    // process in between: then the tool fails to start and we retry.
+    for _ in 0..5 {
+        let port = std::net::TcpListener::bind("127.0.0.90:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.90:{port}");
+        let cfg = dir.path().join("proxy.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}{}",
+                route("sa", &listen, "sa.test", bk.addr.port()),
+                tail(&hosts)
+            ),
+        )
+        .unwrap();
+        let mut cmd = std::process::Command::new("systemd-socket-activate");
+        cmd.arg("-l").arg(&listen).arg(BIN).arg("-c").arg(&cfg);
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("FAILOVER_PROXY_") {
+                cmd.env_remove(k);
+            }
+        }
+        let p = Running::spawn_with(&mut cmd);
+        let line = p.wait_line("Listening on");
+        if !line.contains(&listen) {
+            continue;
+        }
+        // The proxy starts on the first connection and must take that very
+        // socket: binding its own would fail with "address in use".
+        let addr: SocketAddr = listen.parse().unwrap();
+        assert_eq!(id_via(addr).await, "sa");
+        p.wait_line("using the socket passed by systemd");
+        assert_eq!(id_via(addr).await, "sa");
+        return;
+    }
+    panic!("could not start systemd-socket-activate on a free port");
+}
