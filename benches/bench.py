@@ -1,0 +1,525 @@
+#!/usr/bin/env python3
+"""failover-proxy benchmark: direct loopback vs HAProxy vs failover-proxy.
+
+Run through benches/run, which installs the tools and builds the release
+binary. Every server is on 127.0.0.x; DNS is a dnsmasq started here on a
+loopback port. Measurements run one after another, never two at once; each
+repetition rotates the order of the modes, and the table gives medians.
+
+Environment: BENCH_RUNS (repetitions, default 3), BENCH_SECONDS (length of
+each load run, default 5), BENCH_IDLE (idle connections, default 1000),
+BENCH_OUT (folder for raw outputs).
+"""
+
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = ROOT / "target" / "release" / "failover-proxy"
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+IDLE = int(os.environ.get("BENCH_IDLE", "1000"))
+OUT = Path(os.environ.get("BENCH_OUT", ROOT / "benches" / "results" / time.strftime("%Y%m%d-%H%M%S")))
+ATTEMPT_DELAY_MS = 250
+BODY = "x" * 63 + "\n"  # a 64-byte response body
+
+LIVE = "127.0.0.1"
+REFUSING = "127.0.0.2"  # nothing listens on this address
+HOLE = "127.0.0.3"  # a listener whose accept queue is full: SYNs are dropped
+
+
+def free_port(host="127.0.0.1", kind=socket.SOCK_STREAM):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, host="127.0.0.1", timeout=10.0):
+    """Waits until something accepts on host:port (an event, bounded)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on {host}:{port}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class Procs:
+    """Child processes, all stopped at exit."""
+
+    def __init__(self):
+        self.procs = []
+
+    def start(self, name, args, **kw):
+        log = open(OUT / f"{name}.log", "ab")
+        p = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
+        self.procs.append(p)
+        return p
+
+    def stop(self, p):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if p in self.procs:
+            self.procs.remove(p)
+
+    def stop_all(self):
+        for p in list(self.procs):
+            self.stop(p)
+
+
+class Env:
+    """Backends, DNS and the black hole, shared by every mode."""
+
+    def __init__(self, procs, tmp):
+        self.procs, self.tmp = procs, tmp
+        self.http_port = free_port()
+        self.iperf_port = free_port()
+        self.hold_port = free_port()
+        self.dns_port = free_port(kind=socket.SOCK_DGRAM)
+        conf = tmp / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+daemon off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/cbt; proxy_temp_path {tmp}/pt; fastcgi_temp_path {tmp}/ft;
+  uwsgi_temp_path {tmp}/ut; scgi_temp_path {tmp}/st;
+  keepalive_requests 100000000;
+  keepalive_timeout 300s;
+  client_header_timeout 300s;
+  server {{
+    listen {LIVE}:{self.http_port} backlog=4096;
+    location = /64 {{ default_type text/plain; return 200 "{BODY.strip()}\\n"; }}
+  }}
+  server {{
+    listen {LIVE}:{self.hold_port} backlog=4096;
+    location / {{ return 200 "ok\\n"; }}
+  }}
+}}
+""")
+        self.nginx = procs.start("nginx", ["nginx", "-c", str(conf), "-e", str(tmp / "nginx-error.log")])
+        self.iperf = procs.start("iperf3-server", ["iperf3", "-s", "-B", LIVE, "-p", str(self.iperf_port)])
+        hosts = tmp / "dns.hosts"
+        hosts.write_text(f"{LIVE} bench.test\n")
+        os.chmod(tmp, 0o755)
+        os.chmod(hosts, 0o644)
+        self.dnsmasq = procs.start("dnsmasq", [
+            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--log-facility=-",
+            "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+            "--local=/test/", f"--port={self.dns_port}", f"--addn-hosts={hosts}",
+            f"--pid-file={tmp}/dnsmasq.pid", "--local-ttl=3600", "--cache-size=1000",
+        ])
+        # The hosts file failover-proxy reads in "hosts" mode; the failover
+        # aliases list the broken address first.
+        self.hosts = tmp / "hosts"
+        self.hosts.write_text(
+            f"{LIVE} bench.test\n"
+            f"{REFUSING} refused.test\n{LIVE} refused.test\n"
+            f"{HOLE} hole.test\n{LIVE} hole.test\n"
+        )
+        # Black hole: backlog 0 and one connection parked in the queue.
+        self.hole = socket.socket()
+        self.hole.bind((HOLE, self.http_port))
+        self.hole.listen(0)
+        self.filler = socket.create_connection((HOLE, self.http_port))
+        for port in (self.http_port, self.iperf_port, self.hold_port):
+            wait_port(port)
+        self.wait_dns()
+
+    def wait_dns(self):
+        q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05bench\x04test\x00\x00\x01\x00\x01"
+        deadline = time.monotonic() + 10
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(0.2)
+            while time.monotonic() < deadline:
+                try:
+                    s.sendto(q, ("127.0.0.1", self.dns_port))
+                    if s.recv(512)[:2] == b"\x12\x34":
+                        return
+                except OSError:
+                    time.sleep(0.05)
+        raise RuntimeError("dnsmasq does not answer")
+
+
+class Mode:
+    name = ""
+    threads = 1
+
+    def start(self, env, procs):
+        """Starts the proxy; returns (pid or None, {service: port})."""
+        raise NotImplementedError
+
+    def stop(self, procs):
+        pass
+
+
+class Direct(Mode):
+    name = "direct"
+
+    def start(self, env, procs):
+        return None, {"http": env.http_port, "iperf": env.iperf_port, "hold": env.hold_port}
+
+
+class HAProxy(Mode):
+    name = "haproxy"
+
+    def start(self, env, procs):
+        self.ports = {k: free_port() for k in ("http", "iperf", "hold", "refused", "hole")}
+        cfg = env.tmp / "haproxy.cfg"
+        timeout_connect = f"{ATTEMPT_DELAY_MS}ms"
+        dyn = ""
+        for svc, backend_port in (("http", env.http_port), ("iperf", env.iperf_port), ("hold", env.hold_port)):
+            dyn += f"""
+frontend f_{svc}
+  bind 127.0.0.1:{self.ports[svc]}
+  default_backend b_{svc}
+backend b_{svc}
+  balance first
+  server-template s 2 bench.test:{backend_port} resolvers dns init-addr none resolve-prefer ipv4
+"""
+        static = ""
+        for svc, bad in (("refused", REFUSING), ("hole", HOLE)):
+            static += f"""
+frontend f_{svc}
+  bind 127.0.0.1:{self.ports[svc]}
+  default_backend b_{svc}
+backend b_{svc}
+  balance first
+  option redispatch
+  retries 1
+  timeout connect {timeout_connect}
+  server s1 {bad}:{env.http_port} check inter 1s fall 1 rise 1
+  server s2 {LIVE}:{env.http_port} check inter 1s fall 1 rise 1
+"""
+        cfg.write_text(f"""
+global
+  nbthread 1
+  maxconn 9000
+  pidfile {env.tmp}/haproxy.pid
+resolvers dns
+  nameserver ns1 127.0.0.1:{env.dns_port}
+  accepted_payload_size 1232
+  hold valid 1s
+  timeout resolve 1s
+  timeout retry 1s
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 300s
+  timeout server 300s
+{dyn}
+{static}
+""")
+        self.proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
+        for p in self.ports.values():
+            wait_port(p)
+        # server-template addresses arrive with the first DNS answer.
+        wait_http(self.ports["http"])
+        return self.proc.pid, self.ports
+
+    def stop(self, procs):
+        procs.stop(self.proc)
+
+
+class FailoverProxy(Mode):
+    def __init__(self, name, source, threads):
+        self.name, self.source, self.threads = name, source, threads
+
+    def config(self, env, ports):
+        routes = ""
+        services = [("http", "bench.test", env.http_port), ("iperf", "bench.test", env.iperf_port),
+                    ("hold", "bench.test", env.hold_port), ("refused", "refused.test", env.http_port),
+                    ("hole", "hole.test", env.http_port)]
+        for svc, alias, port in services:
+            routes += f"""
+[[route]]
+name = "{svc}"
+listen = "127.0.0.1:{ports[svc]}"
+alias = "{alias}"
+port = {port}
+attempt_delay = "{ATTEMPT_DELAY_MS}ms"
+connect_timeout = "2s"
+max_connections = 30000
+"""
+        hosts = str(env.hosts) if self.source == "hosts" else ""
+        return f"""{routes}
+[resolver]
+nameservers = ["127.0.0.1:{env.dns_port}"]
+hosts_file = "{hosts}"
+family = "ipv4"
+
+[health]
+interval = "0s"
+
+[admin]
+listen = ""
+
+[log]
+level = "warn"
+
+[runtime]
+worker_threads = {self.threads}
+"""
+
+    def start(self, env, procs):
+        self.ports = {k: free_port() for k in ("http", "iperf", "hold", "refused", "hole")}
+        cfg = env.tmp / f"{self.name}.toml"
+        cfg.write_text(self.config(env, self.ports))
+        self.proc = procs.start(self.name, [str(BIN), "run", "--config", str(cfg)])
+        for svc in ("http", "iperf", "hold"):
+            wait_port(self.ports[svc])
+        return self.proc.pid, self.ports
+
+    def stop(self, procs):
+        procs.stop(self.proc)
+
+
+def wait_http(port, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if http_get(port, timeout=0.5):
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"no HTTP answer through port {port}")
+
+
+def http_get(port, timeout=5.0):
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"GET /64 HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data.startswith(b"HTTP/1.1 200")
+
+
+def run_cmd(name, args, timeout):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    with open(OUT / f"{name}.txt", "a") as f:
+        f.write(f"$ {' '.join(args)}\n{r.stdout}{r.stderr}\n")
+    if r.returncode != 0:
+        raise RuntimeError(f"{args[0]} failed: {r.stderr.strip()[:300]}")
+    return r.stdout
+
+
+def unit_seconds(v):
+    m = re.match(r"([\d.]+)(us|ms|s|m)$", v)
+    if not m:
+        raise ValueError(v)
+    x, u = float(m.group(1)), m.group(2)
+    return x * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[u]
+
+
+def wrk(tag, port, close):
+    args = ["wrk", "-t1", "-c32", f"-d{SECONDS}s", "--latency"]
+    if close:
+        args += ["-H", "Connection: close"]
+    args.append(f"http://127.0.0.1:{port}/64")
+    out = run_cmd(tag, args, SECONDS + 30)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    errors = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    lat = {p: unit_seconds(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M)}
+    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"),
+            "errors": (errors.group(1) if errors else "") + (f" non2xx={non2xx.group(1)}" if non2xx else "")}
+
+
+def iperf(tag, port):
+    out = run_cmd(tag, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(SECONDS), "-J"], SECONDS + 30)
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def idle_memory(pid, port, env):
+    """RSS growth of the proxy per idle connection held through it."""
+    if pid is None:
+        return None
+    base = rss_kib(pid)
+    socks = []
+    try:
+        for _ in range(IDLE):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        # Every connection is through to nginx once one request on each has
+        # been answered; then they stay idle.
+        for s in socks:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
+        for s in socks:
+            data = b""
+            while b"ok\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError("idle connection closed")
+                data += chunk
+        time.sleep(0.5)  # let the allocator settle; nothing to wait on
+        grown = rss_kib(pid) - base
+        return grown / IDLE
+    finally:
+        for s in socks:
+            s.close()
+
+
+def connect_time(port):
+    """Seconds from connect to the first response byte of one request."""
+    t = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /64 HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        if not s.recv(1):
+            raise RuntimeError("no response")
+    return time.perf_counter() - t
+
+
+def failover(mode, env, procs, svc):
+    """First-connection and median later-connection times with a broken
+    first address, on a freshly started proxy."""
+    if isinstance(mode, Direct):
+        first = connect_time(env.http_port)
+        later = statistics.median(connect_time(env.http_port) for _ in range(20))
+        return first, later
+    pid, ports = mode.start(env, procs)
+    try:
+        if isinstance(mode, HAProxy):
+            pass
+        first = connect_time(ports[svc])
+        later = statistics.median(connect_time(ports[svc]) for _ in range(20))
+        return first, later
+    finally:
+        mode.stop(procs)
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def main():
+    if not BIN.exists():
+        sys.exit(f"{BIN} is missing: run benches/run, which builds it")
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
+    procs = Procs()
+    modes = [Direct(), HAProxy(), FailoverProxy("fp-hosts", "hosts", 1), FailoverProxy("fp-dns", "dns", 1),
+             FailoverProxy("fp-dns-mt", "dns", 0)]
+    results = {m.name: {} for m in modes}
+
+    def rec(mode, key, value):
+        results[mode.name].setdefault(key, []).append(value)
+
+    try:
+        env = Env(procs, tmp)
+        for run in range(RUNS):
+            order = modes[run % len(modes):] + modes[:run % len(modes)]
+            for mode in order:
+                print(f"run {run + 1}/{RUNS}: {mode.name}", flush=True)
+                pid, ports = mode.start(env, procs)
+                try:
+                    tag = f"{mode.name}-run{run + 1}"
+                    rec(mode, "gbps", iperf(f"{tag}-iperf", ports["iperf"]))
+                    ka = wrk(f"{tag}-keepalive", ports["http"], close=False)
+                    rec(mode, "ka_rps", ka["rps"])
+                    rec(mode, "ka_p50", ka["p50"])
+                    rec(mode, "ka_p99", ka["p99"])
+                    nc = wrk(f"{tag}-newconn", ports["http"], close=True)
+                    rec(mode, "nc_rps", nc["rps"])
+                    if ka["errors"].strip() or nc["errors"].strip():
+                        print(f"  wrk errors: keepalive {ka['errors']!r} newconn {nc['errors']!r}", flush=True)
+                    rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
+                finally:
+                    mode.stop(procs)
+                if not isinstance(mode, FailoverProxy) or mode.source == "hosts":
+                    for svc in ("refused", "hole"):
+                        first, later = failover(mode, env, procs, svc)
+                        rec(mode, f"{svc}_first_ms", first * 1000)
+                        rec(mode, f"{svc}_later_ms", later * 1000)
+    finally:
+        procs.stop_all()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {m: {k: median(v) for k, v in r.items()} for m, r in results.items()}
+    (OUT / "results.json").write_text(json.dumps({"raw": results, "median": med}, indent=2))
+    table = render(med)
+    (OUT / "table.md").write_text(table)
+    print()
+    print(table)
+    print(f"raw outputs: {OUT}")
+
+
+ROWS = [
+    ("gbps", "bulk throughput, 1 stream (Gbit/s)", "{:.2f}", True),
+    ("ka_rps", "keep-alive requests/s (32 conns)", "{:,.0f}", True),
+    ("ka_p50", "keep-alive p50 latency (µs)", "{:,.0f}", False),
+    ("ka_p99", "keep-alive p99 latency (µs)", "{:,.0f}", False),
+    ("nc_rps", "new connections/s (Connection: close)", "{:,.0f}", True),
+    ("idle_kib", f"memory per idle connection (KiB, {IDLE} held)", "{:.2f}", False),
+    ("refused_first_ms", "first address refuses: first connection (ms)", "{:.2f}", False),
+    ("refused_later_ms", "first address refuses: later connections (ms)", "{:.2f}", False),
+    ("hole_first_ms", "first address black-holed: first connection (ms)", "{:.2f}", False),
+    ("hole_later_ms", "first address black-holed: later connections (ms)", "{:.2f}", False),
+]
+
+
+def render(med):
+    cols = list(med)
+    lines = [
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}; "
+        f"{time.strftime('%Y-%m-%d')}; {RUNS} runs of {SECONDS} s, medians. "
+        "Ratios: to direct / to HAProxy (above 1 is better for rates, below 1 for times and memory).",
+        "",
+        "| measure | " + " | ".join(cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for key, label, fmt, _higher in ROWS:
+        cells = []
+        for c in cols:
+            v = med[c].get(key)
+            if v is None:
+                cells.append("–")
+                continue
+            shown = v * 1e6 if key in ("ka_p50", "ka_p99") else v
+            cell = fmt.format(shown)
+            if c not in ("direct", "haproxy"):
+                d, h = med["direct"].get(key), med["haproxy"].get(key)
+                r = []
+                r.append(f"{v / d:.2f}×" if d else "–")
+                r.append(f"{v / h:.2f}×" if h else "–")
+                cell += f" ({' / '.join(r)})"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
