@@ -15,10 +15,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use socket2::SockRef;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
-
-const BUF_SIZE: usize = 16 * 1024;
 
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,26 +66,69 @@ struct DirError {
 /// connection is idle for `idle`. Byte counts are in `counts` whatever the
 /// outcome.
 pub async fn relay(
-    client: &TcpStream,
-    upstream: &TcpStream,
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
     idle: Option<Duration>,
     counts: &Counts,
 ) -> (End, Option<io::Error>) {
+    let outcome = {
+        let (mut client_r, mut client_w) = client.split();
+        let (mut upstream_r, mut upstream_w) = upstream.split();
+        both_ways(
+            &mut client_r,
+            &mut client_w,
+            &mut upstream_r,
+            &mut upstream_w,
+            idle,
+            counts,
+        )
+        .await
+    };
+    match outcome {
+        Ok(end) => {
+            if end == End::Idle {
+                let _ = SockRef::from(&*client).shutdown(Shutdown::Write);
+                let _ = SockRef::from(&*upstream).shutdown(Shutdown::Write);
+            }
+            (end, None)
+        }
+        Err(e) => {
+            // Zero linger makes the close that follows send RST, so the
+            // peer sees the failure instead of a clean end of stream.
+            let _ = client.set_zero_linger();
+            let _ = upstream.set_zero_linger();
+            let end = match e.side {
+                Side::Client => End::ClientReset,
+                Side::Upstream => End::UpstreamReset,
+            };
+            (end, Some(e.error))
+        }
+    }
+}
+
+async fn both_ways(
+    client_r: &mut ReadHalf<'_>,
+    client_w: &mut WriteHalf<'_>,
+    upstream_r: &mut ReadHalf<'_>,
+    upstream_w: &mut WriteHalf<'_>,
+    idle: Option<Duration>,
+    counts: &Counts,
+) -> Result<End, DirError> {
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved; shared by both
     // directions so that traffic either way keeps the connection alive.
     let last = AtomicU64::new(0);
     let up = pump(
-        client,
-        upstream,
+        client_r,
+        upstream_w,
         Side::Client,
         &counts.to_upstream,
         &last,
         started,
     );
     let down = pump(
-        upstream,
-        client,
+        upstream_r,
+        client_w,
         Side::Upstream,
         &counts.to_client,
         &last,
@@ -117,41 +160,44 @@ pub async fn relay(
         })
         .await;
         match ev {
-            Ev::Up(Ok(())) => up_done = true,
-            Ev::Down(Ok(())) => down_done = true,
-            Ev::Up(Err(e)) | Ev::Down(Err(e)) => {
-                // Zero linger makes the close below send RST, so the peer
-                // sees the failure instead of a clean end of stream.
-                let _ = client.set_zero_linger();
-                let _ = upstream.set_zero_linger();
-                let end = match e.side {
-                    Side::Client => End::ClientReset,
-                    Side::Upstream => End::UpstreamReset,
-                };
-                return (end, Some(e.error));
+            Ev::Up(r) => {
+                r?;
+                up_done = true;
+            }
+            Ev::Down(r) => {
+                r?;
+                down_done = true;
             }
             Ev::IdleCheck => {
                 let Some(idle) = idle else { continue };
                 let last_ms = last.load(Ordering::Relaxed);
                 let deadline = started + Duration::from_millis(last_ms) + idle;
                 if Instant::now() >= deadline {
-                    let _ = SockRef::from(client).shutdown(Shutdown::Write);
-                    let _ = SockRef::from(upstream).shutdown(Shutdown::Write);
-                    return (End::Idle, None);
+                    return Ok(End::Idle);
                 }
                 idle_sleep.as_mut().reset(deadline);
             }
         }
         if up_done && down_done {
-            return (End::Closed, None);
+            return Ok(End::Closed);
         }
+    }
+}
+
+/// Reads what `src` has now into `buf`: `None` when nothing is waiting
+/// (tokio then clears the readiness, so the next wait parks).
+fn read_now(src: &ReadHalf<'_>, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    match src.as_ref().try_read(buf) {
+        Ok(n) => Ok(Some(n)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
 /// One direction: `src` to `dst`, passing a FIN on as a write shutdown.
 async fn pump(
-    src: &TcpStream,
-    dst: &TcpStream,
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
     src_side: Side,
     count: &AtomicU64,
     last: &AtomicU64,
@@ -170,25 +216,32 @@ async fn pump(
         error,
     };
     loop {
-        src.readable().await.map_err(on_src)?;
-        let mut buf = vec![0u8; BUF_SIZE];
+        // Wait with no buffer: an idle connection holds none.
+        src.as_ref().readable().await.map_err(on_src)?;
+        let mut buf = pool::take();
         loop {
-            match src.try_read(&mut buf) {
-                Ok(0) => {
-                    return match SockRef::from(dst).shutdown(Shutdown::Write) {
+            match read_now(src, &mut buf) {
+                Ok(None) => break,
+                Ok(Some(0)) => {
+                    return match dst.shutdown().await {
                         Ok(()) => Ok(()),
                         // The peer is already gone: its own direction reports it.
                         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
                         Err(e) => Err(on_dst(e)),
                     };
                 }
-                Ok(n) => {
-                    write_all(dst, &buf[..n]).await.map_err(on_dst)?;
+                Ok(Some(n)) => {
+                    dst.write_all(&buf[..n]).await.map_err(on_dst)?;
                     count.fetch_add(n as u64, Ordering::Relaxed);
                     let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
                     last.store(ms, Ordering::Relaxed);
+                    if n < buf.len() {
+                        // Most likely drained: give the buffer back before
+                        // waiting again (a wait that finds data still there
+                        // returns at once).
+                        break;
+                    }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(on_src(e)),
             }
@@ -196,15 +249,54 @@ async fn pump(
     }
 }
 
-async fn write_all(dst: &TcpStream, mut data: &[u8]) -> io::Result<()> {
-    while !data.is_empty() {
-        dst.writable().await?;
-        match dst.try_write(data) {
-            Ok(n) => data = &data[n..],
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
+/// Relay buffers, reused per thread instead of allocated (and zeroed) per
+/// burst of data. A connection holds one only while data is in flight.
+mod pool {
+    use std::cell::RefCell;
+    use std::ops::{Deref, DerefMut};
+
+    pub const BUF_SIZE: usize = 64 * 1024;
+    /// Buffers kept per thread when returned; more are freed.
+    const KEEP: usize = 64;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub struct Buf(Option<Box<[u8]>>);
+
+    pub fn take() -> Buf {
+        let b = FREE
+            .with(|f| f.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BUF_SIZE].into_boxed_slice());
+        Buf(Some(b))
+    }
+
+    impl Drop for Buf {
+        fn drop(&mut self) {
+            if let Some(b) = self.0.take() {
+                // A task can move between threads while it holds a buffer:
+                // it then lands in another thread's list, which is fine.
+                let _ = FREE.try_with(|f| {
+                    let mut f = f.borrow_mut();
+                    if f.len() < KEEP {
+                        f.push(b);
+                    }
+                });
+            }
         }
     }
-    Ok(())
+
+    impl Deref for Buf {
+        type Target = [u8];
+        fn deref(&self) -> &[u8] {
+            self.0.as_deref().unwrap_or(&[])
+        }
+    }
+
+    impl DerefMut for Buf {
+        fn deref_mut(&mut self) -> &mut [u8] {
+            self.0.as_deref_mut().unwrap_or(&mut [])
+        }
+    }
 }

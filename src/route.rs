@@ -223,7 +223,7 @@ impl Drop for Active<'_> {
 
 /// Serves one client connection to its end. Errors here are logged and
 /// never bubble up: one connection cannot affect the accept loop.
-pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: ClientAddr) {
+pub async fn serve(route: Arc<Route>, shared: Shared, mut client: TcpStream, peer: ClientAddr) {
     let started = Instant::now();
     let _ = client.set_nodelay(true);
     let cfg = &route.cfg;
@@ -278,7 +278,7 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
         }
     }
 
-    let Some((upstream, addr)) = connected else {
+    let Some((mut upstream, addr)) = connected else {
         tracing::warn!(
             route = %cfg.name,
             client.addr = %peer.0,
@@ -314,7 +314,7 @@ pub async fn serve(route: Arc<Route>, shared: Shared, client: TcpStream, peer: C
     }
 
     let counts = Counts::default();
-    let (end, error) = relay(&client, &upstream, cfg.idle_timeout, &counts).await;
+    let (end, error) = relay(&mut client, &mut upstream, cfg.idle_timeout, &counts).await;
     if let Some(e) = error {
         tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
     }

@@ -199,3 +199,41 @@ async fn bulk_data_arrives_intact_both_ways() {
     assert_eq!(echoed.len(), expected.len());
     assert!(echoed == expected, "echoed bytes differ");
 }
+
+#[tokio::test]
+async fn one_way_upload_of_many_buffers_is_relayed_whole() {
+    // A sink that only reads, then answers with the byte count: the relay
+    // must keep reading full buffers without ever waiting on the other way.
+    let (addr, mut accepted) = raw_backend(ip(48)).await;
+    let proxy = proxy_to(addr, "");
+    let sink = tokio::spawn(async move {
+        let mut s = within("sink accept", accepted.recv()).await.unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut total: u64 = 0;
+        loop {
+            let n = s.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+        }
+        s.write_all(total.to_string().as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+    });
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let want: u64 = 64 << 20;
+    within("upload", async {
+        for _ in 0..64 {
+            client.write_all(&chunk).await.unwrap();
+        }
+        client.shutdown().await.unwrap();
+    })
+    .await;
+    let mut reply = String::new();
+    within("count", client.read_to_string(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, want.to_string());
+    sink.await.unwrap();
+}
