@@ -252,8 +252,8 @@ defaults
 
 
 class FailoverProxy(Mode):
-    def __init__(self, name, source, threads):
-        self.name, self.source, self.threads = name, source, threads
+    def __init__(self, name, source, threads, relay="splice"):
+        self.name, self.source, self.threads, self.relay = name, source, threads, relay
 
     def config(self, env, ports):
         routes = ""
@@ -289,6 +289,7 @@ level = "warn"
 
 [runtime]
 worker_threads = {self.threads}
+relay = "{self.relay}"
 """
 
     def start(self, env, procs):
@@ -432,7 +433,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
     procs = Procs()
     modes = [Direct(), HAProxy(), FailoverProxy("fp-hosts", "hosts", 1), FailoverProxy("fp-dns", "dns", 1),
-             FailoverProxy("fp-dns-mt", "dns", 0)]
+             FailoverProxy("fp-dns-mt", "dns", 0), FailoverProxy("fp-hosts-copy", "hosts", 1, relay="copy")]
     results = {m.name: {} for m in modes}
 
     def rec(mode, key, value):
@@ -459,7 +460,7 @@ def main():
                     rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
                 finally:
                     mode.stop(procs)
-                if not isinstance(mode, FailoverProxy) or mode.source == "hosts":
+                if not isinstance(mode, FailoverProxy) or mode.name == "fp-hosts":
                     for svc in ("refused", "hole"):
                         first, later = failover(mode, env, procs, svc)
                         rec(mode, f"{svc}_first_ms", first * 1000)

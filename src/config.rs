@@ -24,6 +24,10 @@ pub const CONFIG_PATH_VAR: &str = "FAILOVER_PROXY_CONFIG";
 /// Where the config file is looked for when nothing names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/failover-proxy/failover-proxy.toml";
 
+/// The relay's default way of moving bytes; see README (Speed) for the
+/// measurement behind it.
+pub const DEFAULT_RELAY: crate::relay::Mode = crate::relay::Mode::Splice;
+
 /// Upper bound of the passive retry back-off (SPEC: "doubling, at most 30 s").
 pub const MAX_RETRY_DOWN_AFTER: Duration = Duration::from_secs(30);
 
@@ -127,6 +131,8 @@ pub struct ShutdownConfig {
 pub struct RuntimeConfig {
     /// 0: one per CPU core.
     pub worker_threads: usize,
+    /// How the relay moves bytes.
+    pub relay: crate::relay::Mode,
 }
 
 /// A cluster alias: an IP literal or a hostname as RFC 1123 defines it.
@@ -481,9 +487,20 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
 
     let runtime = {
         let d = r.section(top, "runtime");
-        r.unknown_keys(d, "runtime", &["worker_threads"]);
+        r.unknown_keys(d, "runtime", &["worker_threads", "relay"]);
         RuntimeConfig {
             worker_threads: r.get(d, "runtime", "worker_threads").unwrap_or(0),
+            relay: r
+                .choice(
+                    d,
+                    "runtime",
+                    "relay",
+                    &[
+                        ("splice", crate::relay::Mode::Splice),
+                        ("copy", crate::relay::Mode::Copy),
+                    ],
+                )
+                .unwrap_or(DEFAULT_RELAY),
         }
     };
 

@@ -34,6 +34,7 @@ pub mod relay;
 pub mod resolve;
 pub mod route;
 pub mod service;
+pub mod splice;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -162,6 +163,7 @@ impl Server {
             shared: Arc::new(RwLock::new(Shared {
                 resolver,
                 own: Arc::new(OwnListeners(own)),
+                relay: config.runtime.relay,
             })),
             config,
             pending,

@@ -20,6 +20,16 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
+use crate::splice;
+
+/// How bytes are moved: `splice(2)` through a pooled pipe, or read and
+/// write through a pooled buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Splice,
+    Copy,
+}
+
 /// How a relayed connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum End {
@@ -70,6 +80,7 @@ pub async fn relay(
     upstream: &mut TcpStream,
     idle: Option<Duration>,
     counts: &Counts,
+    mode: Mode,
 ) -> (End, Option<io::Error>) {
     let outcome = {
         let (mut client_r, mut client_w) = client.split();
@@ -81,6 +92,7 @@ pub async fn relay(
             &mut upstream_w,
             idle,
             counts,
+            mode,
         )
         .await
     };
@@ -113,6 +125,7 @@ async fn both_ways(
     upstream_w: &mut WriteHalf<'_>,
     idle: Option<Duration>,
     counts: &Counts,
+    mode: Mode,
 ) -> Result<End, DirError> {
     let started = Instant::now();
     // Milliseconds since `started` of the last byte moved; shared by both
@@ -125,6 +138,7 @@ async fn both_ways(
         &counts.to_upstream,
         &last,
         started,
+        mode,
     );
     let down = pump(
         upstream_r,
@@ -133,6 +147,7 @@ async fn both_ways(
         &counts.to_client,
         &last,
         started,
+        mode,
     );
     tokio::pin!(up, down);
     let mut up_done = false;
@@ -202,6 +217,7 @@ async fn pump(
     count: &AtomicU64,
     last: &AtomicU64,
     started: Instant,
+    mode: Mode,
 ) -> Result<(), DirError> {
     let dst_side = match src_side {
         Side::Client => Side::Upstream,
@@ -215,9 +231,37 @@ async fn pump(
         side: dst_side,
         error,
     };
+    let moved = |n: usize| {
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last.store(ms, Ordering::Relaxed);
+    };
     loop {
-        // Wait with no buffer: an idle connection holds none.
+        // Wait with no buffer or pipe: an idle connection holds none.
         src.as_ref().readable().await.map_err(on_src)?;
+        // A pipe that cannot be had (descriptors exhausted) falls back to a
+        // plain copy for this burst.
+        if mode == Mode::Splice
+            && let Ok(pipe) = splice::Pipe::take()
+        {
+            match splice::splice_burst(src.as_ref(), dst.as_ref(), &pipe, moved).await {
+                Ok(Some(())) => {
+                    pipe.give_back();
+                    continue;
+                }
+                Ok(None) => {
+                    pipe.give_back();
+                    return match dst.shutdown().await {
+                        Ok(()) => Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+                        Err(e) => Err(on_dst(e)),
+                    };
+                }
+                // A pipe with data left in it is dropped, not pooled.
+                Err(splice::Failed::Src(e)) => return Err(on_src(e)),
+                Err(splice::Failed::Dst(e)) => return Err(on_dst(e)),
+            }
+        }
         let mut buf = pool::take();
         loop {
             match read_now(src, &mut buf) {
@@ -232,9 +276,7 @@ async fn pump(
                 }
                 Ok(Some(n)) => {
                     dst.write_all(&buf[..n]).await.map_err(on_dst)?;
-                    count.fetch_add(n as u64, Ordering::Relaxed);
-                    let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                    last.store(ms, Ordering::Relaxed);
+                    moved(n);
                     if n < buf.len() {
                         // Most likely drained: give the buffer back before
                         // waiting again (a wait that finds data still there

@@ -183,6 +183,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Shared {
     pub resolver: Arc<Resolver>,
     pub own: Arc<OwnListeners>,
+    pub relay: crate::relay::Mode,
 }
 
 /// How a connection ended, for the log line.
@@ -314,7 +315,14 @@ pub async fn serve(route: Arc<Route>, shared: Shared, mut client: TcpStream, pee
     }
 
     let counts = Counts::default();
-    let (end, error) = relay(&mut client, &mut upstream, cfg.idle_timeout, &counts).await;
+    let (end, error) = relay(
+        &mut client,
+        &mut upstream,
+        cfg.idle_timeout,
+        &counts,
+        shared.relay,
+    )
+    .await;
     if let Some(e) = error {
         tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
     }

@@ -1,0 +1,123 @@
+//! Zero-copy relay of one direction with `splice(2)`: socket to pipe to
+//! socket, the bytes never entering user space.
+//!
+//! Pipes come from a per-thread pool and are held only while data is in
+//! flight, so an idle connection still holds just its two sockets. A pipe is
+//! filled only when empty, so `EAGAIN` from the fill always means "socket
+//! drained", never "pipe full" (which would wrongly clear the socket's
+//! readiness).
+
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::pipe::{PipeFlags, SpliceFlags, pipe_with, splice};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// Bytes moved per fill; the pipe is sized to hold them.
+const PIPE_SIZE: usize = 256 * 1024;
+/// Empty pipes kept per thread.
+const KEEP: usize = 64;
+
+thread_local! {
+    static FREE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+pub struct Pipe {
+    r: OwnedFd,
+    w: OwnedFd,
+    cap: usize,
+}
+
+impl Pipe {
+    fn new() -> io::Result<Pipe> {
+        let (r, w) =
+            pipe_with(PipeFlags::CLOEXEC | PipeFlags::NONBLOCK).map_err(io::Error::from)?;
+        // A larger pipe moves more per pair of calls; if the system limit
+        // (/proc/sys/fs/pipe-max-size) refuses, the default 64 KiB serves.
+        let cap = rustix::pipe::fcntl_setpipe_size(&w, PIPE_SIZE).unwrap_or(64 * 1024);
+        Ok(Pipe { r, w, cap })
+    }
+
+    /// An empty pipe from the pool, or a new one.
+    pub fn take() -> io::Result<Pipe> {
+        match FREE.with(|f| f.borrow_mut().pop()) {
+            Some(p) => Ok(p),
+            None => Pipe::new(),
+        }
+    }
+
+    /// Returns an empty pipe to the pool. Only call with nothing in it.
+    pub fn give_back(self) {
+        let _ = FREE.try_with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < KEEP {
+                f.push(self);
+            }
+        });
+    }
+}
+
+/// Where a failure happened, for the caller's reset logic.
+pub enum Failed {
+    Src(io::Error),
+    Dst(io::Error),
+}
+
+/// Moves what `src` has now through `pipe` to `dst`, until `src` has
+/// nothing more (Ok(Some(moved))) or reaches end of stream (Ok(None) after
+/// moving the rest). The pipe is empty whenever this returns Ok.
+pub async fn splice_burst(
+    src: &TcpStream,
+    dst: &TcpStream,
+    pipe: &Pipe,
+    mut on_moved: impl FnMut(usize),
+) -> Result<Option<()>, Failed> {
+    loop {
+        let filled = src.try_io(Interest::READABLE, || {
+            splice(
+                src.as_fd(),
+                None,
+                pipe.w.as_fd(),
+                None,
+                pipe.cap,
+                SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+            )
+            .map_err(io::Error::from)
+        });
+        let mut in_pipe = match filled {
+            Ok(0) => return Ok(None),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Some(())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Failed::Src(e)),
+        };
+        while in_pipe > 0 {
+            dst.writable().await.map_err(Failed::Dst)?;
+            let sent = dst.try_io(Interest::WRITABLE, || {
+                splice(
+                    pipe.r.as_fd(),
+                    None,
+                    dst.as_fd(),
+                    None,
+                    in_pipe,
+                    SpliceFlags::NONBLOCK | SpliceFlags::MOVE,
+                )
+                .map_err(io::Error::from)
+            });
+            match sent {
+                Ok(n) => {
+                    in_pipe -= n;
+                    on_moved(n);
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(Failed::Dst(e)),
+            }
+        }
+    }
+}
