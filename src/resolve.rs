@@ -552,7 +552,15 @@ impl HostsFile {
             let text = std::fs::read(&self.path)?;
             let after = FileStamp::of(&self.path)?;
             if after == stamp {
-                cache.table = Arc::new(parse_hosts(&String::from_utf8_lossy(&text)));
+                let changed = cache.stamp.is_some_and(|old| old != stamp) || cache.stamp.is_none();
+                let (table, skipped) = parse_hosts_checked(&String::from_utf8_lossy(&text));
+                // Logged once per change of the file, not per connection.
+                if changed {
+                    for s in &skipped {
+                        tracing::warn!(path = %self.path.display(), line = s.line, reason = s.reason, "hosts file line skipped");
+                    }
+                }
+                cache.table = Arc::new(table);
                 cache.stamp = Some(stamp);
                 return Ok(());
             }
@@ -568,29 +576,55 @@ impl HostsFile {
 /// Name (lowercase, no trailing dot) to addresses in file order.
 pub type HostsTable = HashMap<String, Vec<IpAddr>>;
 
+/// A hosts-file line that was not used, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// 1-based line number.
+    pub line: usize,
+    pub reason: &'static str,
+}
+
 /// Parses hosts-file text as the system resolver does: `IP name [alias...]`,
 /// `#` starts a comment, lines whose first field is not an IP are skipped.
 /// Every line naming a host counts, in file order.
 pub fn parse_hosts(text: &str) -> HostsTable {
+    parse_hosts_checked(text).0
+}
+
+/// [`parse_hosts`], also saying which lines were skipped.
+pub fn parse_hosts_checked(text: &str) -> (HostsTable, Vec<Skipped>) {
     let mut table: HostsTable = HashMap::new();
-    for line in text.lines() {
+    let mut skipped = Vec::new();
+    for (n, line) in text.lines().enumerate() {
         let line = line.split('#').next().unwrap_or("");
         let mut fields = line.split_ascii_whitespace();
         let Some(ip) = fields.next() else { continue };
         // A zone index (fe80::1%eth0) cannot be dialled without its scope;
         // such lines are skipped like other unusable ones.
         let Ok(ip) = ip.parse::<IpAddr>() else {
+            skipped.push(Skipped {
+                line: n + 1,
+                reason: "the first field is not an IP address",
+            });
             continue;
         };
+        let mut named = false;
         for name in fields {
+            named = true;
             let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
             let ips = table.entry(name).or_default();
             if !ips.contains(&ip) {
                 ips.push(ip);
             }
         }
+        if !named {
+            skipped.push(Skipped {
+                line: n + 1,
+                reason: "an address with no name",
+            });
+        }
     }
-    table
+    (table, skipped)
 }
 
 #[cfg(test)]

@@ -335,3 +335,28 @@ async fn readyz_is_503_while_an_alias_does_not_resolve() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn malformed_and_mismatched_dns_answers_are_errors_not_panics() {
+    let dns = DnsServer::start().await;
+    let b = backend(ip(79), "b").await;
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"bad-dns\"\nlisten = \"127.0.0.80:0\"\nalias = \"bad.test\"\nport = {}\n[resolver]\n{}stale_on_error = \"0s\"\n",
+        b.addr.port(),
+        resolver_toml(dns.addr, None)
+    )));
+    let admin = proxy.admin.unwrap();
+    for behavior in [Behavior::Garbage, Behavior::Mismatched] {
+        dns.set("bad.test", behavior);
+        assert_reset(proxy.addr()).await;
+    }
+    let s = scrape(admin).await;
+    let errors: f64 = ["timeout", "other", "servfail"]
+        .iter()
+        .filter_map(|k| sample(&s, "failover_proxy_resolve_errors_total", &[("route", "bad-dns"), ("kind", k)]))
+        .sum();
+    assert!(errors >= 2.0, "each bad answer is counted as an error:\n{s}");
+    // The proxy is unharmed: a good answer serves at once.
+    dns.records("bad.test", &[ip(79)]);
+    assert_eq!(id_via(proxy.addr()).await, "b");
+}

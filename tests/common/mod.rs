@@ -40,6 +40,10 @@ pub enum Behavior {
     ServFail,
     /// Never answer.
     Silent,
+    /// Answer with bytes that are not a DNS message.
+    Garbage,
+    /// Answer with a well-formed message for another query id and name.
+    Mismatched,
 }
 
 /// A DNS server on 127.0.0.1 (UDP), built on hickory-proto, whose answers
@@ -89,6 +93,21 @@ impl DnsServer {
                 resp.add_query(query.clone());
                 match behavior {
                     Behavior::Silent => continue,
+                    Behavior::Garbage => {
+                        let mut junk = buf[..n].to_vec();
+                        junk.truncate(5);
+                        junk.extend_from_slice(&[0xff; 40]);
+                        let _ = socket.send_to(&junk, from).await;
+                        continue;
+                    }
+                    Behavior::Mismatched => {
+                        resp.metadata.id = req.metadata.id.wrapping_add(1);
+                        resp.add_answer(Record::from_rdata(
+                            query.name().clone(),
+                            60,
+                            RData::A(A(std::net::Ipv4Addr::new(127, 0, 0, 99))),
+                        ));
+                    }
                     Behavior::NxDomain => resp.metadata.response_code = ResponseCode::NXDomain,
                     Behavior::ServFail => resp.metadata.response_code = ResponseCode::ServFail,
                     Behavior::Records(ips, ttl) => {

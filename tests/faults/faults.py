@@ -1,0 +1,720 @@
+#!/usr/bin/env python3
+"""failover-proxy under faults: a suite that runs in its own network namespace.
+
+    tests/faults/run            # short form (CI)
+    FAULTS_LONG=1 tests/faults/run   # long form: bigger loads, 10-minute soak
+
+The outer call creates a network namespace (`ip netns add`), runs this
+script again inside it (`--inner`), and deletes the namespace afterwards.
+Inside, everything is on that namespace's loopback (127.0.0.0/8): backends,
+dnsmasq, the release binary. nft rules drop traffic to one server address
+to make a black hole or a partition without touching the machine outside.
+
+Each scenario asserts what a client sees. The last line is the plain
+"N passed, N failed" summary; figures go to stdout as `figure:` lines.
+"""
+
+import json
+import os
+import random
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = ROOT / "target" / "release" / "failover-proxy"
+LONG = os.environ.get("FAULTS_LONG") == "1"
+HANG = 30.0  # only stops a hung scenario
+
+FIGURES = {}
+
+
+def figure(key, value):
+    FIGURES[key] = value
+    print(f"figure: {key} = {value}", flush=True)
+
+
+def free_port(host="127.0.0.1", kind=socket.SOCK_STREAM):
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def eventually(what, check, timeout=HANG, every=0.01):
+    """Polls `check` until true; the deadline only stops a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = check()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)
+
+
+class Backend:
+    """A TCP server on ip:port that writes its name and a newline, then
+    echoes until the client finishes. `mode="reset"` accepts and resets."""
+
+    def __init__(self, ip, port, name, mode="echo"):
+        self.ip, self.port, self.name, self.mode = ip, port, name, mode
+        self.sock = None
+        self.accepted = 0
+        self.start()
+
+    def start(self):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((self.ip, self.port))
+        s.listen(4096)
+        self.sock = s
+        threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+
+    def stop(self):
+        s, self.sock = self.sock, None
+        if s:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _accept(self, s):
+        while True:
+            try:
+                c, _ = s.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        try:
+            if self.mode == "reset":
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                return
+            c.sendall(f"{self.name}\n".encode())
+            while True:
+                d = c.recv(65536)
+                if not d:
+                    break
+                c.sendall(d)
+            c.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+
+def nft(*rule):
+    subprocess.run(["nft", *rule], check=True)
+
+
+def drop_to(ip):
+    """Black-holes every packet to and from `ip` (a partition)."""
+    nft("add", "table", "inet", "faults")
+    nft("add", "chain", "inet", "faults", "out", "{ type filter hook output priority 0 ; }")
+    nft("add", "rule", "inet", "faults", "out", "ip", "daddr", ip, "drop")
+    nft("add", "rule", "inet", "faults", "out", "ip", "saddr", ip, "drop")
+
+
+def heal():
+    subprocess.run(["nft", "delete", "table", "inet", "faults"], stderr=subprocess.DEVNULL)
+
+
+class Dns:
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.port = free_port(kind=socket.SOCK_DGRAM)
+        self.hosts = tmp / "zone.hosts"
+        self.proc = None
+
+    def start(self, lines):
+        self.hosts.write_text(lines)
+        os.chmod(self.tmp, 0o755)
+        os.chmod(self.hosts, 0o644)
+        self.proc = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--log-facility=-",
+             "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+             "--local=/test/", f"--port={self.port}", f"--addn-hosts={self.hosts}",
+             f"--pid-file={self.tmp}/dnsmasq.pid", "--local-ttl=3600"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for line in self.proc.stderr:
+            if f"read {self.hosts}" in line:
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+
+    def set(self, lines):
+        self.hosts.write_text(lines)
+        self.proc.send_signal(signal.SIGHUP)
+        # dnsmasq re-reads on SIGHUP; one query that sees the new data is
+        # the event this waits for.
+        want = lines.split()[0] if lines.strip() else None
+        eventually("dnsmasq reload", lambda: query_a(self.port, "cluster.test") == want)
+
+    def stop(self):
+        if self.proc:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def query_a(port, name):
+    q = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    for label in name.split("."):
+        q += bytes([len(label)]) + label.encode()
+    q += b"\x00\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(0.5)
+        try:
+            s.sendto(q, ("127.0.0.1", port))
+            r = s.recv(512)
+        except OSError:
+            return "error"
+    if r[3] & 0x0F == 3:
+        return None
+    if r[7] == 0:
+        return None
+    return ".".join(str(b) for b in r[-4:])
+
+
+class Proxy:
+    def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", nofile=None):
+        self.port = free_port()
+        self.admin = free_port()
+        self.cfg = tmp / f"proxy-{self.port}.toml"
+        self.cfg.write_text(f"""
+[[route]]
+name = "faults"
+listen = "127.0.0.1:{self.port}"
+alias = "cluster.test"
+port = {SERVER_PORT}
+attempt_delay = "200ms"
+connect_timeout = "2s"
+{extra_route}
+
+[resolver]
+nameservers = ["127.0.0.1:{dns.port}"]
+hosts_file = "{hosts_file}"
+family = "ipv4"
+timeout = "500ms"
+{resolver_extra}
+
+[health]
+interval = "0s"
+retry_down_after = "200ms"
+
+[admin]
+listen = "127.0.0.1:{self.admin}"
+
+[log]
+level = "warn"
+""")
+        pre = []
+        if nofile:
+            pre = ["prlimit", f"--nofile={nofile}:{nofile}", "--"]
+        self.log = open(tmp / f"proxy-{self.port}.log", "w")
+        self.proc = subprocess.Popen([*pre, str(BIN), "-c", str(self.cfg)], stdout=self.log, stderr=self.log)
+        eventually("proxy listening", lambda: can_connect(self.port))
+
+    def metric(self, name, **labels):
+        body = http_get(self.admin, "/metrics")
+        for line in body.splitlines():
+            if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(15)
+
+
+def can_connect(port, ip="127.0.0.1"):
+    try:
+        with socket.create_connection((ip, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_get(port, path):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+    return data.decode().split("\r\n\r\n", 1)[1]
+
+
+def served_by(port, timeout=10):
+    """(name, socket) of the backend a new connection reaches, or raises."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    s.settimeout(timeout)
+    line = b""
+    while not line.endswith(b"\n"):
+        d = s.recv(1)
+        if not d:
+            s.close()
+            raise ConnectionResetError("closed before the id line")
+        line += d
+    return line.decode().strip(), s
+
+
+def name_via(port):
+    name, s = served_by(port)
+    s.close()
+    return name
+
+
+SERVER_PORT = 0
+A, B, C = "127.0.0.11", "127.0.0.12", "127.0.0.13"
+
+
+# --- scenarios -------------------------------------------------------------
+
+def black_hole_before_and_during(tmp, dns):
+    a, b = Backend(A, SERVER_PORT, "a"), Backend(B, SERVER_PORT, "b")
+    dns.set(f"{A} cluster.test\n{B} cluster.test\n")
+    p = Proxy(tmp, dns, extra_route='idle_timeout = "2s"')
+    try:
+        assert name_via(p.port) == "a"
+        _, held = served_by(p.port)
+        drop_to(A)
+        # New connections go elsewhere within about attempt_delay.
+        t = time.monotonic()
+        assert name_via(p.port) == "b"
+        first = time.monotonic() - t
+        assert first < 0.2 + 0.5, f"failover took {first:.3f}s"
+        t = time.monotonic()
+        assert name_via(p.port) == "b"
+        later = time.monotonic() - t
+        figure("blackhole_first_connection_ms", round(first * 1000, 1))
+        figure("blackhole_later_connection_ms", round(later * 1000, 1))
+        # The connection that was open is cut by idle_timeout, not hung.
+        held.settimeout(HANG)
+        t = time.monotonic()
+        try:
+            rest = held.recv(100)
+        except OSError:
+            rest = b""
+        assert rest == b"", f"unexpected data {rest!r}"
+        cut = time.monotonic() - t
+        assert cut < 10, f"held connection not cut: {cut:.1f}s"
+        figure("blackholed_open_connection_cut_after_s", round(cut, 2))
+    finally:
+        heal()
+        p.stop()
+        a.stop()
+        b.stop()
+
+
+def killed_restarted_and_flapping(tmp, dns):
+    a, b = Backend(A, SERVER_PORT, "a"), Backend(B, SERVER_PORT, "b")
+    dns.set(f"{A} cluster.test\n{B} cluster.test\n")
+    p = Proxy(tmp, dns)
+    try:
+        assert name_via(p.port) == "a"
+        a.stop()
+        assert name_via(p.port) == "b"
+        a.start()
+        # Back at its place once retry_down_after (200 ms) has passed.
+        eventually("traffic back on the first server", lambda: name_via(p.port) == "a", timeout=5)
+        flaps = 20 if not LONG else 200
+        served = {"a": 0, "b": 0}
+        for i in range(flaps):
+            if i % 2:
+                a.stop()
+            else:
+                a.start() if a.sock is None else None
+            for _ in range(5):
+                served[name_via(p.port)] += 1
+        figure("flaps_survived", flaps)
+        assert served["a"] + served["b"] == flaps * 5
+        if a.sock is None:
+            a.start()
+        eventually("traffic back after flapping", lambda: name_via(p.port) == "a", timeout=5)
+    finally:
+        p.stop()
+        a.stop()
+        b.stop()
+
+
+def accepts_then_resets(tmp, dns):
+    a = Backend(A, SERVER_PORT, "a", mode="reset")
+    dns.set(f"{A} cluster.test\n")
+    p = Proxy(tmp, dns)
+    try:
+        s = socket.create_connection(("127.0.0.1", p.port), timeout=5)
+        s.settimeout(HANG)
+        try:
+            d = s.recv(10)
+            raise AssertionError(f"expected a reset, got {d!r}")
+        except ConnectionResetError:
+            pass
+    finally:
+        p.stop()
+        a.stop()
+
+
+def partition_mid_stream(tmp, dns):
+    a = Backend(A, SERVER_PORT, "a")
+    dns.set(f"{A} cluster.test\n")
+    p = Proxy(tmp, dns, extra_route='idle_timeout = "1s"')
+    try:
+        _, s = served_by(p.port)
+        s.sendall(b"x" * 1000)
+        got = b""
+        while len(got) < 1000:
+            got += s.recv(2000)
+        drop_to(A)
+        s.sendall(b"y" * 1000)
+        s.settimeout(HANG)
+        t = time.monotonic()
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+        assert time.monotonic() - t < 10
+    finally:
+        heal()
+        p.stop()
+        a.stop()
+
+
+def dns_faults(tmp, dns):
+    a = Backend(A, SERVER_PORT, "a")
+    dns.set(f"{A} cluster.test\n")
+    # Stale answers, bounded in age.
+    p = Proxy(tmp, dns, resolver_extra='stale_on_error = "2s"')
+    try:
+        assert name_via(p.port) == "a"
+        dns.stop()
+        stopped = time.monotonic()
+        assert name_via(p.port) == "a", "stale answer while DNS is down"
+        assert p.metric("failover_proxy_resolve_stale_total", route="faults") >= 1
+        # After stale_on_error the old answer is no longer used.
+        while time.monotonic() - stopped < 2.2:
+            time.sleep(0.05)
+        try:
+            name_via(p.port)
+            raise AssertionError("stale answer used beyond stale_on_error")
+        except (ConnectionResetError, ConnectionError):
+            pass
+        figure("dns_down_stale_served_then_reset", True)
+        # The alias removed: NXDOMAIN reaches the client as a reset.
+        dns.start(f"{A} other.test\n")
+        try:
+            name_via(p.port)
+            raise AssertionError("nxdomain must reset")
+        except (ConnectionResetError, ConnectionError):
+            pass
+        assert p.metric("failover_proxy_resolve_errors_total", route="faults", kind="nxdomain") >= 1
+        dns.set(f"{A} cluster.test\n")
+        assert name_via(p.port) == "a"
+    finally:
+        p.stop()
+        a.stop()
+
+
+def hosts_file_rewrites(tmp, dns):
+    """The hosts file replaced by atomic rename while connections run: every
+    connection lands on one of the two valid answers."""
+    a, b = Backend(A, SERVER_PORT, "a"), Backend(B, SERVER_PORT, "b")
+    hosts = tmp / "hosts"
+    hosts.write_text(f"{A} cluster.test\n")
+    p = Proxy(tmp, dns, hosts_file=str(hosts))
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set():
+            tmpf = tmp / "hosts.new"
+            tmpf.write_text(f"# generation {i}\n{A if i % 2 else B} cluster.test\n")
+            os.rename(tmpf, hosts)
+            i += 1
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    n = 300 if not LONG else 3000
+    try:
+        seen = {"a": 0, "b": 0}
+        for _ in range(n):
+            seen[name_via(p.port)] += 1
+        assert seen["a"] and seen["b"], seen
+        figure("hosts_rewrites_connections", n)
+    finally:
+        stop.set()
+        t.join()
+        p.stop()
+        a.stop()
+        b.stop()
+
+
+def held_connections(tmp, dns):
+    """Many concurrent connections held and echoing through one proxy; the
+    client and the backend are separate processes."""
+    n = 2000 if not LONG else 9000
+    dns.set(f"{A} cluster.test\n")
+    backend = subprocess.Popen([sys.executable, __file__, "--echo-server", A, str(SERVER_PORT)],
+                               stdout=subprocess.PIPE, text=True)
+    assert backend.stdout.readline().strip() == "ready"
+    p = Proxy(tmp, dns, extra_route="max_connections = 20000")
+    try:
+        fds_before = len(os.listdir(f"/proc/{p.proc.pid}/fd"))
+        out = subprocess.run([sys.executable, __file__, "--hold-client", str(p.port), str(n)],
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stdout + out.stderr
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["errors"] == 0, result
+        figure("connections_held", result["held"])
+        figure("bytes_echoed_checked", result["bytes"])
+        eventually("descriptors back to baseline",
+                   lambda: len(os.listdir(f"/proc/{p.proc.pid}/fd")) <= fds_before + 2, timeout=30)
+        eventually("no active connection",
+                   lambda: p.metric("failover_proxy_connections_active", route="faults") == 0, timeout=30)
+    finally:
+        p.stop()
+        backend.kill()
+        backend.wait()
+
+
+def fd_exhaustion(tmp, dns):
+    """A low RLIMIT_NOFILE and a flood: the proxy stays up, does not spin,
+    and serves again when descriptors free up."""
+    a = Backend(A, SERVER_PORT, "a")
+    dns.set(f"{A} cluster.test\n")
+    p = Proxy(tmp, dns, nofile=64)
+    held = []
+    try:
+        for _ in range(200):
+            try:
+                s = socket.create_connection(("127.0.0.1", p.port), timeout=2)
+                held.append(s)
+            except OSError:
+                break
+        # Saturated: measure the proxy's CPU over one second.
+        def cpu():
+            with open(f"/proc/{p.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        c0 = cpu()
+        time.sleep(1.0)  # the measurement window itself
+        used = (cpu() - c0) / os.sysconf("SC_CLK_TCK")
+        figure("cpu_seconds_per_second_while_saturated", round(used, 3))
+        assert used < 0.3, f"proxy spins while out of descriptors: {used:.2f} s/s"
+        assert p.proc.poll() is None, "proxy died"
+        for s in held:
+            s.close()
+        held.clear()
+        eventually("serving again", lambda: try_name(p.port) == "a", timeout=15)
+    finally:
+        for s in held:
+            s.close()
+        p.stop()
+        a.stop()
+
+
+def try_name(port):
+    try:
+        return name_via(port)
+    except OSError:
+        return None
+
+
+def churn_soak(tmp, dns):
+    """Short connections with checksummed payloads while a server flaps."""
+    seconds = 10 if not LONG else 600
+    a, b = Backend(A, SERVER_PORT, "a"), Backend(B, SERVER_PORT, "b")
+    dns.set(f"{A} cluster.test\n{B} cluster.test\n")
+    p = Proxy(tmp, dns)
+    stop = threading.Event()
+
+    def flapper():
+        while not stop.is_set():
+            a.stop()
+            stop.wait(0.3)
+            a.start()
+            stop.wait(0.3)
+    threading.Thread(target=flapper, daemon=True).start()
+    stats = {"ok": 0, "corrupt": 0, "failed": 0, "bytes": 0}
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            payload = os.urandom(random.randint(1, 200_000))
+            try:
+                name, s = served_by(p.port)
+                with s:
+                    threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)), daemon=True).start()
+                    got = b""
+                    while True:
+                        d = s.recv(65536)
+                        if not d:
+                            break
+                        got += d
+                if zlib.crc32(got) == zlib.crc32(payload) and len(got) == len(payload):
+                    stats["ok"] += 1
+                    stats["bytes"] += len(got)
+                elif name == "a":
+                    stats["failed"] += 1  # its server died mid-stream
+                else:
+                    stats["corrupt"] += 1
+            except OSError:
+                stats["failed"] += 1
+        assert stats["corrupt"] == 0, stats
+        assert stats["ok"] > 0, stats
+        figure("churn_streams_ok", stats["ok"])
+        figure("churn_bytes_checked", stats["bytes"])
+        figure("churn_streams_cut_by_server_death", stats["failed"])
+        eventually("active back to zero",
+                   lambda: p.metric("failover_proxy_connections_active", route="faults") == 0, timeout=30)
+    finally:
+        stop.set()
+        p.stop()
+        a.stop()
+        b.stop()
+
+
+SCENARIOS = [
+    black_hole_before_and_during,
+    killed_restarted_and_flapping,
+    accepts_then_resets,
+    partition_mid_stream,
+    dns_faults,
+    hosts_file_rewrites,
+    held_connections,
+    fd_exhaustion,
+    churn_soak,
+]
+
+
+# --- helpers run as separate processes -------------------------------------
+
+def echo_server(ip, port):
+    sel = selectors.DefaultSelector()
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind((ip, port))
+    ls.listen(16384)
+    ls.setblocking(False)
+    sel.register(ls, selectors.EVENT_READ)
+    print("ready", flush=True)
+    while True:
+        for key, _ in sel.select():
+            if key.fileobj is ls:
+                try:
+                    c, _ = ls.accept()
+                except OSError:
+                    continue
+                c.setblocking(False)
+                sel.register(c, selectors.EVENT_READ)
+            else:
+                c = key.fileobj
+                try:
+                    d = c.recv(65536)
+                except OSError:
+                    d = b""
+                if d:
+                    try:
+                        c.sendall(d)
+                    except OSError:
+                        pass
+                else:
+                    sel.unregister(c)
+                    c.close()
+
+
+def hold_client(port, n):
+    resource.setrlimit(resource.RLIMIT_NOFILE, (20000, 20000))
+    socks, errors, total = [], 0, 0
+    for i in range(n):
+        try:
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        except OSError:
+            errors += 1
+    for round_ in range(2):
+        for i, s in enumerate(socks):
+            msg = f"{round_}:{i}:".encode() + bytes(32)
+            try:
+                s.settimeout(10)
+                s.sendall(msg)
+                got = b""
+                while len(got) < len(msg):
+                    d = s.recv(len(msg) - len(got))
+                    if not d:
+                        raise ConnectionError("closed")
+                    got += d
+                if got != msg:
+                    errors += 1
+                total += len(got)
+            except OSError:
+                errors += 1
+    held = len(socks)
+    for s in socks:
+        s.close()
+    print(json.dumps({"held": held, "errors": errors, "bytes": total}))
+
+
+def inner():
+    global SERVER_PORT
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    tmp = Path(tempfile.mkdtemp(prefix="fp-faults-"))
+    SERVER_PORT = free_port()
+    dns = Dns(tmp)
+    dns.start(f"{A} cluster.test\n")
+    passed = failed = 0
+    only = os.environ.get("FAULTS_ONLY")
+    try:
+        for sc in SCENARIOS:
+            if only and only not in sc.__name__:
+                continue
+            t = time.monotonic()
+            try:
+                if dns.proc is None:
+                    dns.start(f"{A} cluster.test\n")
+                sc(tmp, dns)
+                passed += 1
+                print(f"ok     {sc.__name__} ({time.monotonic() - t:.1f}s)", flush=True)
+            except Exception as e:  # a failed scenario is reported, the rest still run
+                failed += 1
+                print(f"FAILED {sc.__name__}: {type(e).__name__}: {e}", flush=True)
+            finally:
+                heal()
+    finally:
+        dns.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+    (ROOT / "target" / "faults-figures.json").write_text(json.dumps(FIGURES, indent=2))
+    print(f"{passed} passed, {failed} failed")
+    return 0 if failed == 0 else 1
+
+
+def outer():
+    ns = f"fp-faults-{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, __file__, "--inner"])
+        return r.returncode
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--inner":
+        sys.exit(inner())
+    if len(sys.argv) > 1 and sys.argv[1] == "--echo-server":
+        echo_server(sys.argv[2], int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "--hold-client":
+        hold_client(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        sys.exit(outer())
