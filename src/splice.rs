@@ -17,8 +17,9 @@ use tokio::net::TcpStream;
 
 /// Bytes moved per fill; the pipe is sized to hold them.
 const PIPE_SIZE: usize = 256 * 1024;
-/// Empty pipes kept per thread.
-const KEEP: usize = 64;
+/// Empty pipes kept per thread: at most 2 × KEEP descriptors per worker
+/// thread stay open once a load has passed.
+pub const KEEP: usize = 16;
 
 thread_local! {
     static FREE: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
