@@ -18,9 +18,10 @@ use tokio::time::Instant;
 /// partition) is noticed within about 25 s even on an idle connection.
 const KEEPALIVE_TIME: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
-const KEEPALIVE_RETRIES: u32 = 3;
-/// Unacknowledged data for this long means the server is gone; keepalive
-/// alone does not fire while data is in flight.
+/// Unacknowledged data (or unanswered keepalive probes) for this long means
+/// the server is gone; keepalive alone does not fire while data is in
+/// flight. It also bounds the probe count, so TCP_KEEPCNT is not set: one
+/// system call less per connection.
 const USER_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// The `result` label of `upstream_connect_attempts_total`.
@@ -113,8 +114,7 @@ pub async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpS
     sock.set_tcp_keepalive(
         &TcpKeepalive::new()
             .with_time(KEEPALIVE_TIME)
-            .with_interval(KEEPALIVE_INTERVAL)
-            .with_retries(KEEPALIVE_RETRIES),
+            .with_interval(KEEPALIVE_INTERVAL),
     )?;
     sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
@@ -139,7 +139,10 @@ pub async fn connect_staggered(
 ) -> Option<(TcpStream, SocketAddr)> {
     let mut inflight: Vec<(SocketAddr, Instant, Pending)> = Vec::new();
     let mut next = 0;
-    let stagger = !attempt_delay.is_zero();
+    // No stagger timer when there is nothing to stagger to: with one
+    // address (the common single-server alias) it would only cost a timer
+    // registration per connection.
+    let stagger = !attempt_delay.is_zero() && addrs.len() > 1;
     let delay = tokio::time::sleep(attempt_delay);
     tokio::pin!(delay);
 
@@ -162,7 +165,9 @@ pub async fn connect_staggered(
             }
             let now = Instant::now();
             inflight.push((addr, now, Box::pin(connect_one(addr, connect_timeout))));
-            delay.reset(now + attempt_delay);
+            if stagger {
+                delay.reset(now + attempt_delay);
+            }
             return true;
         }
         false

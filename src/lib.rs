@@ -115,6 +115,10 @@ fn bind_route(
     if let Some(i) = inherited.iter().position(|(a, _)| *a == rc.listen) {
         let (_, l) = inherited.swap_remove(i);
         l.set_nonblocking(true).map_err(err)?;
+        // Inherited by every accepted socket (see listener::bind).
+        socket2::SockRef::from(&l)
+            .set_tcp_nodelay(true)
+            .map_err(err)?;
         tracing::info!(route = %rc.name, listen = %rc.listen, "using the socket passed by systemd");
         return TcpListener::from_std(l).map_err(err);
     }

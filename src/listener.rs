@@ -34,6 +34,9 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
         TcpSocket::new_v6()?
     };
     socket.set_reuseaddr(true)?;
+    // Accepted sockets inherit TCP_NODELAY from the listener on Linux: set
+    // once here instead of once per connection.
+    socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
 }

@@ -226,7 +226,7 @@ impl Drop for Active<'_> {
 /// never bubble up: one connection cannot affect the accept loop.
 pub async fn serve(route: Arc<Route>, shared: Shared, mut client: TcpStream, peer: ClientAddr) {
     let started = Instant::now();
-    let _ = client.set_nodelay(true);
+    // TCP_NODELAY comes from the listener (listener::bind).
     let cfg = &route.cfg;
     let st = &route.state;
     let _active = Active::new(st);

@@ -353,9 +353,18 @@ async fn malformed_and_mismatched_dns_answers_are_errors_not_panics() {
     let s = scrape(admin).await;
     let errors: f64 = ["timeout", "other", "servfail"]
         .iter()
-        .filter_map(|k| sample(&s, "failover_proxy_resolve_errors_total", &[("route", "bad-dns"), ("kind", k)]))
+        .filter_map(|k| {
+            sample(
+                &s,
+                "failover_proxy_resolve_errors_total",
+                &[("route", "bad-dns"), ("kind", k)],
+            )
+        })
         .sum();
-    assert!(errors >= 2.0, "each bad answer is counted as an error:\n{s}");
+    assert!(
+        errors >= 2.0,
+        "each bad answer is counted as an error:\n{s}"
+    );
     // The proxy is unharmed: a good answer serves at once.
     dns.records("bad.test", &[ip(79)]);
     assert_eq!(id_via(proxy.addr()).await, "b");

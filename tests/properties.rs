@@ -8,8 +8,17 @@ use figment::providers::{Format, Toml};
 use proptest::prelude::*;
 
 const KEYS: &[&str] = &[
-    "name", "listen", "alias", "port", "order", "connect_timeout", "attempt_delay",
-    "max_connections", "idle_timeout", "allow_non_loopback", "bogus",
+    "name",
+    "listen",
+    "alias",
+    "port",
+    "order",
+    "connect_timeout",
+    "attempt_delay",
+    "max_connections",
+    "idle_timeout",
+    "allow_non_loopback",
+    "bogus",
 ];
 
 fn value() -> impl Strategy<Value = String> {
