@@ -431,7 +431,8 @@ impl Server {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// "what failed: why: deeper why", the whole cause chain on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {

@@ -1,13 +1,12 @@
 //! The `failover-proxy` binary: parse the command line, load the
 //! configuration (exit 2 if invalid), start logging, hand over to the library.
 
-use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use failover_proxy::config::{self, CONFIG_PATH_VAR, Config};
-use failover_proxy::{Server, check, logging};
+use failover_proxy::{Server, check, error_chain, logging};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -46,7 +45,7 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = logging::init(&config.log, std::env::var("RUST_LOG").ok()) {
-        eprintln!("error: {}", chain(&e));
+        eprintln!("error: {}", error_chain(&e));
         return ExitCode::from(EXIT_CONFIG);
     }
     match cli.command.unwrap_or(Command::Run) {
@@ -91,8 +90,8 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
         let server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %chain(&e), "cannot start");
-                eprintln!("error: {}", chain(&e));
+                tracing::error!(error = %error_chain(&e), "cannot start");
+                eprintln!("error: {}", error_chain(&e));
                 return ExitCode::from(EXIT_FATAL);
             }
         };
@@ -127,20 +126,8 @@ fn run_check(config: Config) -> ExitCode {
             }
         }
         Err(e) => {
-            eprintln!("error: {}", chain(&e));
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(EXIT_FATAL)
         }
     }
-}
-
-/// "what failed: why: deeper why", the whole cause chain on one line.
-fn chain(e: &dyn Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
