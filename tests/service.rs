@@ -212,3 +212,39 @@ async fn socket_activation_serves_on_the_inherited_socket() {
     }
     panic!("could not start systemd-socket-activate on a free port");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchdog_is_pinged_when_systemd_asks_for_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.91 w.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            route("w", "127.0.0.92:0", "w.test", 9),
+            tail(&hosts)
+        ),
+    )
+    .unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let _p = Running::spawn_with(
+        bin()
+            .arg("-c")
+            .arg(&cfg)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env("WATCHDOG_USEC", "200000"),
+    );
+    let mut seen = Vec::new();
+    while seen
+        .iter()
+        .filter(|m: &&String| m.trim() == "WATCHDOG=1")
+        .count()
+        < 2
+    {
+        seen.push(notified(&sock).await);
+    }
+    assert!(seen.iter().any(|m| m.trim() == "READY=1"), "{seen:?}");
+}
