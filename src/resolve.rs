@@ -551,6 +551,12 @@ impl HostsFile {
         for _ in 0..5 {
             let text = std::fs::read(&self.path)?;
             let after = FileStamp::of(&self.path)?;
+            // An empty file written moments ago is most likely one being
+            // rewritten in place (truncated, not yet written): keep serving
+            // the previous table and look again on the next connection.
+            if text.is_empty() && after.is_recent() && cache.stamp.is_some() {
+                return Ok(());
+            }
             if after == stamp {
                 let changed = cache.stamp.is_some_and(|old| old != stamp) || cache.stamp.is_none();
                 let (table, skipped) = parse_hosts_checked(&String::from_utf8_lossy(&text));
