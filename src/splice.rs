@@ -76,6 +76,10 @@ pub async fn splice_burst(
     mut on_moved: impl FnMut(usize),
 ) -> Result<Option<()>, Failed> {
     loop {
+        // try_io and readiness waits do not count against tokio's
+        // cooperative budget: without this, a connection that always has
+        // data would never let others on its thread run.
+        tokio::task::coop::consume_budget().await;
         let filled = src.try_io(Interest::READABLE, || {
             splice(
                 src.as_fd(),

@@ -188,7 +188,7 @@ def query_a(port, name):
 
 
 class Proxy:
-    def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", nofile=None):
+    def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", nofile=None, dns_port=None):
         self.port = free_port()
         self.admin = free_port()
         self.cfg = tmp / f"proxy-{self.port}.toml"
@@ -203,7 +203,7 @@ connect_timeout = "2s"
 {extra_route}
 
 [resolver]
-nameservers = ["127.0.0.1:{dns.port}"]
+nameservers = ["127.0.0.1:{dns_port or dns.port}"]
 hosts_file = "{hosts_file}"
 family = "ipv4"
 timeout = "500ms"
@@ -443,6 +443,72 @@ def dns_faults(tmp, dns):
         a.stop()
 
 
+class FakeDns:
+    """A DNS responder for what dnsmasq will not do on demand: answer
+    SERVFAIL, or answer only after a delay. `mode` is read per query."""
+
+    def __init__(self, ip):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.ip = ip
+        self.mode = "answer"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                q, peer = self.sock.recvfrom(512)
+            except OSError:
+                return
+            mode = self.mode
+            if mode == "slow":
+                threading.Timer(2.0, self._reply, (q, peer, "answer")).start()
+            else:
+                self._reply(q, peer, mode)
+
+    def _reply(self, q, peer, mode):
+        # Header: same id, QR + RD + RA, rcode; the question copied back.
+        end = 12
+        while q[end] != 0:
+            end += q[end] + 1
+        question = q[12:end + 5]
+        qtype = q[end + 1:end + 3]
+        rcode = 2 if mode == "servfail" else 0
+        answers = b""
+        if mode == "answer" and qtype == b"\x00\x01":
+            answers = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x0e\x10\x00\x04" + socket.inet_aton(self.ip)
+        header = q[:2] + bytes([0x81, 0x80 | rcode]) + b"\x00\x01" + (b"\x00\x01" if answers else b"\x00\x00") + b"\x00\x00\x00\x00"
+        try:
+            self.sock.sendto(header + question + answers, peer)
+        except OSError:
+            pass
+
+    def close(self):
+        self.sock.close()
+
+
+def dns_servfail_and_slow(tmp, dns):
+    """SERVFAIL and answers slower than resolver.timeout are failures: the
+    last good answer serves (counted); without it the client is reset."""
+    a = Backend(A, SERVER_PORT, "a")
+    fake = FakeDns(A)
+    p = Proxy(tmp, dns, resolver_extra='stale_on_error = "1m"', dns_port=fake.port)
+    try:
+        assert name_via(p.port) == "a"
+        for mode, kind in (("servfail", "servfail"), ("slow", "timeout")):
+            fake.mode = mode
+            before = p.metric("failover_proxy_resolve_stale_total", route="faults")
+            assert name_via(p.port) == "a", f"{mode}: the stale answer serves"
+            assert p.metric("failover_proxy_resolve_stale_total", route="faults") == before + 1
+            assert p.metric("failover_proxy_resolve_errors_total", route="faults", kind=kind) >= 1, kind
+        figure("dns_servfail_and_slow_served_stale", True)
+    finally:
+        p.stop()
+        fake.close()
+        a.stop()
+
+
 def hosts_file_rewrites(tmp, dns):
     """The hosts file replaced by atomic rename while connections run: every
     connection lands on one of the two valid answers."""
@@ -471,6 +537,8 @@ def hosts_file_rewrites(tmp, dns):
                 time.sleep(0.002)
                 f.write(f"# generation {i}\n{A if i % 2 else B} cluster.test\n")
             i += 1
+            # Whole for a while, as a file between edits is.
+            stop.wait(0.005)
     n = 300 if not LONG else 3000
     try:
         for how, fn in (("rename", writer), ("in_place", in_place)):
@@ -643,6 +711,7 @@ SCENARIOS = [
     accepts_then_resets,
     partition_mid_stream,
     dns_faults,
+    dns_servfail_and_slow,
     hosts_file_rewrites,
     held_connections,
     fd_exhaustion,
