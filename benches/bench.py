@@ -416,8 +416,6 @@ def failover(mode, env, procs, svc):
         return first, later
     pid, ports = mode.start(env, procs)
     try:
-        if isinstance(mode, HAProxy):
-            pass
         first = connect_time(ports[svc])
         later = statistics.median(connect_time(ports[svc]) for _ in range(20))
         return first, later

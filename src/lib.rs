@@ -88,7 +88,8 @@ struct Slot {
     current: Arc<Current>,
     stop: watch::Sender<bool>,
     accept: JoinHandle<()>,
-    probes: Option<JoinHandle<()>>,
+    /// The start-up resolution, then active probes; replaced on reload.
+    probes: JoinHandle<()>,
 }
 
 /// A proxy with every listener bound, not yet accepting.
@@ -246,9 +247,7 @@ impl Server {
         service::stopping();
         for slot in slots.values() {
             let _ = slot.stop.send(true);
-            if let Some(p) = &slot.probes {
-                p.abort();
-            }
+            slot.probes.abort();
         }
         for (_, slot) in slots {
             let _ = slot.accept.await;
@@ -315,7 +314,7 @@ impl Server {
 
     /// Resolves once at start (so `/readyz` and the log know at once), then
     /// runs active probes when `health.interval` is set.
-    fn start_health(&self, route: &Arc<Route>) -> Option<JoinHandle<()>> {
+    fn start_health(&self, route: &Arc<Route>) -> JoinHandle<()> {
         let shared = self
             .shared
             .read()
@@ -323,7 +322,7 @@ impl Server {
             .clone();
         let interval = route.health_cfg.interval;
         let route = route.clone();
-        Some(tokio::spawn(async move {
+        tokio::spawn(async move {
             match route.resolve(&shared.resolver).await {
                 Ok(a) => {
                     tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved")
@@ -335,7 +334,7 @@ impl Server {
             if let Some(interval) = interval {
                 route::probe_loop(route, shared, interval).await;
             }
-        }))
+        })
     }
 
     /// Applies a new configuration: routes are matched by `listen`; new ones
@@ -389,9 +388,7 @@ impl Server {
             if let Some(slot) = slots.remove(addr) {
                 tracing::info!(listen = %addr, "reload: route removed; its open connections drain");
                 let _ = slot.stop.send(true);
-                if let Some(p) = slot.probes {
-                    p.abort();
-                }
+                slot.probes.abort();
             }
         }
         let mut own: Vec<SocketAddr> = Vec::new();
@@ -407,9 +404,7 @@ impl Server {
                 let route = Arc::new(Route::new(rc, new.health.clone(), Some(&prev)));
                 tracing::info!(route = %route.cfg.name, listen = %route.cfg.listen, "reload: route changed; new connections use it");
                 slot.current.set(route.clone());
-                if let Some(p) = slot.probes.take() {
-                    p.abort();
-                }
+                slot.probes.abort();
                 slot.probes = self.start_health(&route);
             }
         }
