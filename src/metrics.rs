@@ -40,20 +40,25 @@ const LIFETIME_BUCKETS: &[f64] = &[
     0.001, 0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 1800.0, 3600.0,
 ];
 
-static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static HANDLE: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new();
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MetricsError {
-    #[error("cannot install the prometheus recorder")]
-    Install(#[source] metrics_exporter_prometheus::BuildError),
+    #[error("cannot build the prometheus recorder: {0}")]
+    Build(String),
+    #[error("another metrics recorder is already installed in this process")]
+    AlreadyInstalled,
 }
 
 /// Installs the process-wide Prometheus recorder once and returns its
-/// handle; later calls (more servers in one test process) share it.
+/// handle; later calls (more servers in one test process) share it. Calls
+/// racing the first one wait for it, so none gets a handle that renders
+/// nothing.
 pub fn install() -> Result<PrometheusHandle, MetricsError> {
-    if let Some(h) = HANDLE.get() {
-        return Ok(h.clone());
-    }
+    HANDLE.get_or_init(build_and_install).clone()
+}
+
+fn build_and_install() -> Result<PrometheusHandle, MetricsError> {
     let builder = PrometheusBuilder::new()
         .set_buckets_for_metric(
             Matcher::Full(UPSTREAM_CONNECT_DURATION.into()),
@@ -65,22 +70,13 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .and_then(|b| {
             b.set_buckets_for_metric(Matcher::Full(CONNECTION_DURATION.into()), LIFETIME_BUCKETS)
         })
-        .map_err(MetricsError::Install)?;
+        .map_err(|e| MetricsError::Build(e.to_string()))?;
     let recorder = builder.build_recorder();
     let handle = recorder.handle();
-    // Losing the race to another caller is fine: theirs is installed.
-    if metrics::set_global_recorder(recorder).is_ok() {
-        let _ = HANDLE.set(handle);
-        gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
-        describe();
-    }
-    Ok(HANDLE.get().cloned().unwrap_or(handle_fallback()))
-}
-
-/// Unreachable in practice (the recorder was installed above or by an
-/// earlier call); kept so that no path panics.
-fn handle_fallback() -> PrometheusHandle {
-    PrometheusBuilder::new().build_recorder().handle()
+    metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
+    gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
+    describe();
+    Ok(handle)
 }
 
 fn describe() {
