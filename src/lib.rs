@@ -240,7 +240,7 @@ impl Server {
         // Shutdown, or every sender gone, ends the loop.
         while let Some(Control::Reload(new)) = control.recv().await {
             service::reloading();
-            self.reload(*new, &mut slots, &mut order, &drain_tx);
+            self.reload(*new, &mut slots, &mut order, &drain_tx).await;
             service::ready();
         }
 
@@ -341,7 +341,7 @@ impl Server {
     /// start, removed ones stop accepting (their connections drain), changed
     /// ones apply to new connections. Settings read only at start are
     /// logged as needing a restart.
-    fn reload(
+    async fn reload(
         &mut self,
         new: Config,
         slots: &mut HashMap<SocketAddr, Slot>,
@@ -384,12 +384,20 @@ impl Server {
             }
         }
         let keep: Vec<SocketAddr> = new.routes.iter().map(|r| r.listen).collect();
+        let mut removed = Vec::new();
         for addr in order.iter().filter(|a| !keep.contains(a)) {
             if let Some(slot) = slots.remove(addr) {
                 tracing::info!(listen = %addr, "reload: route removed; its open connections drain");
                 let _ = slot.stop.send(true);
                 slot.probes.abort();
+                removed.push(slot.accept);
             }
+        }
+        // The listener closes when its accept loop ends: wait for that, so
+        // a completed reload (and the READY=1 after it) means the removed
+        // routes refuse connections.
+        for accept in removed {
+            let _ = accept.await;
         }
         let mut own: Vec<SocketAddr> = Vec::new();
         for rc in &new.routes {
