@@ -69,6 +69,8 @@ class Backend:
         self.ip, self.port, self.name, self.mode = ip, port, name, mode
         self.sock = None
         self.accepted = 0
+        self.conns = set()
+        self.lock = threading.Lock()
         self.start()
 
     def start(self):
@@ -79,7 +81,9 @@ class Backend:
         self.sock = s
         threading.Thread(target=self._accept, args=(s,), daemon=True).start()
 
-    def stop(self):
+    def stop(self, kill_connections=False):
+        """Stops listening; with kill_connections, also resets every open
+        connection, as a server that dies does."""
         s, self.sock = self.sock, None
         if s:
             try:
@@ -87,6 +91,15 @@ class Backend:
             except OSError:
                 pass
             s.close()
+        if kill_connections:
+            with self.lock:
+                conns, self.conns = self.conns, set()
+            for c in conns:
+                try:
+                    c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    c.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def _accept(self, s):
         while True:
@@ -98,6 +111,8 @@ class Backend:
             threading.Thread(target=self._serve, args=(c,), daemon=True).start()
 
     def _serve(self, c):
+        with self.lock:
+            self.conns.add(c)
         try:
             if self.mode == "reset":
                 c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
@@ -112,6 +127,8 @@ class Backend:
         except OSError:
             pass
         finally:
+            with self.lock:
+                self.conns.discard(c)
             c.close()
 
 
@@ -652,22 +669,30 @@ def try_name(port):
         return None
 
 
+def send_and_finish(s, payload):
+    try:
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the stream was cut; the reader counts it
+
+
 def churn_soak(tmp, dns):
     """Short connections with checksummed payloads while a server flaps."""
     seconds = 10 if not LONG else 600
     a, b = Backend(A, SERVER_PORT, "a"), Backend(B, SERVER_PORT, "b")
-    # Two records from the real DNS server: whichever order it gives them
-    # in, a stream is either whole or cut by its server's death.
-    dns.set(f"{A} cluster.test\n{B} cluster.test\n")
-    p = Proxy(tmp, dns)
+    # The flapping server first, so that most streams run on it.
+    p = Proxy(tmp, dns, hosts_file=ordered_hosts(tmp, A, B))
     stop = threading.Event()
 
     def flapper():
+        # Down for 0.3 s, up for 1 s: it serves most streams, and each death
+        # cuts the ones it is serving.
         while not stop.is_set():
-            a.stop()
+            stop.wait(1.0)
+            a.stop(kill_connections=True)
             stop.wait(0.3)
             a.start()
-            stop.wait(0.3)
     threading.Thread(target=flapper, daemon=True).start()
     stats = {"ok": 0, "corrupt": 0, "failed": 0, "bytes": 0}
     end = time.monotonic() + seconds
@@ -677,7 +702,7 @@ def churn_soak(tmp, dns):
             try:
                 name, s = served_by(p.port)
                 with s:
-                    threading.Thread(target=lambda: (s.sendall(payload), s.shutdown(socket.SHUT_WR)), daemon=True).start()
+                    threading.Thread(target=send_and_finish, args=(s, payload), daemon=True).start()
                     got = b""
                     while True:
                         d = s.recv(65536)
