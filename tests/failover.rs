@@ -234,18 +234,28 @@ async fn a_down_first_address_regains_its_place_after_retry_down_after() {
     assert_eq!(id_via(proxy.addr()).await, "b1");
 }
 
-#[tokio::test]
-async fn stale_answer_is_used_while_dns_is_down() {
+/// `cluster.test` answered by a test DNS server with one backend on
+/// 127.0.0.`last`, behind a proxy with `stale_on_error`, served once.
+async fn served_once(last: u8, stale_on_error: &str) -> (DnsServer, Backend, Proxy) {
     let dns = DnsServer::start().await;
-    let b1 = backend(ip(33), "b1").await;
-    dns.records("cluster.test", &[ip(33)]);
+    let b1 = backend(ip(last), "b1").await;
+    dns.records("cluster.test", &[ip(last)]);
     let proxy = start(config(&route_toml(
         "cluster.test",
         b1.addr.port(),
         "",
-        &format!("{}stale_on_error = \"5m\"\n", resolver_toml(dns.addr, None)),
+        &format!(
+            "{}stale_on_error = \"{stale_on_error}\"\n",
+            resolver_toml(dns.addr, None)
+        ),
     )));
     assert_eq!(id_via(proxy.addr()).await, "b1");
+    (dns, b1, proxy)
+}
+
+#[tokio::test]
+async fn stale_answer_is_used_while_dns_is_down() {
+    let (dns, _b1, proxy) = served_once(33, "5m").await;
     dns.set("cluster.test", Behavior::Silent);
     assert_eq!(
         id_via(proxy.addr()).await,
@@ -268,32 +278,14 @@ async fn stale_answer_is_used_while_dns_is_down() {
 
 #[tokio::test]
 async fn without_stale_on_error_a_dns_failure_resets() {
-    let dns = DnsServer::start().await;
-    let b1 = backend(ip(34), "b1").await;
-    dns.records("cluster.test", &[ip(34)]);
-    let proxy = start(config(&route_toml(
-        "cluster.test",
-        b1.addr.port(),
-        "",
-        &format!("{}stale_on_error = \"0s\"\n", resolver_toml(dns.addr, None)),
-    )));
-    assert_eq!(id_via(proxy.addr()).await, "b1");
+    let (dns, _b1, proxy) = served_once(34, "0s").await;
     dns.set("cluster.test", Behavior::Silent);
     assert_reset(proxy.addr()).await;
 }
 
 #[tokio::test]
 async fn nxdomain_is_an_answer_and_is_never_masked_by_a_stale_one() {
-    let dns = DnsServer::start().await;
-    let b1 = backend(ip(35), "b1").await;
-    dns.records("cluster.test", &[ip(35)]);
-    let proxy = start(config(&route_toml(
-        "cluster.test",
-        b1.addr.port(),
-        "",
-        &format!("{}stale_on_error = \"5m\"\n", resolver_toml(dns.addr, None)),
-    )));
-    assert_eq!(id_via(proxy.addr()).await, "b1");
+    let (dns, _b1, proxy) = served_once(35, "5m").await;
     dns.set("cluster.test", Behavior::NxDomain);
     assert_reset(proxy.addr()).await;
     // An empty answer is an answer too.
