@@ -24,6 +24,20 @@ pub const CONFIG_PATH_VAR: &str = "FAILOVER_PROXY_CONFIG";
 /// Where the config file is looked for when nothing names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/failover-proxy/failover-proxy.toml";
 
+/// Every key a `[[route]]` table may have.
+pub const ROUTE_KEYS: &[&str] = &[
+    "name",
+    "listen",
+    "alias",
+    "port",
+    "order",
+    "connect_timeout",
+    "attempt_delay",
+    "max_connections",
+    "idle_timeout",
+    "allow_non_loopback",
+];
+
 /// The relay's default way of moving bytes; see README (Speed) for the
 /// measurement behind it.
 pub const DEFAULT_RELAY: crate::relay::Mode = crate::relay::Mode::Splice;
@@ -817,22 +831,7 @@ impl Reader<'_> {
     }
 
     fn route(&mut self, item: &Value, d: &Dict, p: &str) -> Option<RouteConfig> {
-        self.unknown_keys(
-            d,
-            p,
-            &[
-                "name",
-                "listen",
-                "alias",
-                "port",
-                "order",
-                "connect_timeout",
-                "attempt_delay",
-                "max_connections",
-                "idle_timeout",
-                "allow_non_loopback",
-            ],
-        );
+        self.unknown_keys(d, p, ROUTE_KEYS);
         let before = self.problems.len();
         let allow: bool = self.get(d, p, "allow_non_loopback").unwrap_or(false);
         let listen = match self.get::<String>(d, p, "listen") {

@@ -7,19 +7,12 @@ use figment::Figment;
 use figment::providers::{Format, Toml};
 use proptest::prelude::*;
 
-const KEYS: &[&str] = &[
-    "name",
-    "listen",
-    "alias",
-    "port",
-    "order",
-    "connect_timeout",
-    "attempt_delay",
-    "max_connections",
-    "idle_timeout",
-    "allow_non_loopback",
-    "bogus",
-];
+/// Every route key, and one that is not.
+fn keys() -> Vec<&'static str> {
+    let mut k = config::ROUTE_KEYS.to_vec();
+    k.push("bogus");
+    k
+}
 
 fn value() -> impl Strategy<Value = String> {
     prop_oneof![
@@ -62,7 +55,7 @@ proptest! {
 
     #[test]
     fn config_never_panics_and_every_problem_names_a_key(
-        entries in proptest::collection::vec((proptest::sample::select(KEYS), value()), 0..12),
+        entries in proptest::collection::vec((proptest::sample::select(keys()), value()), 0..12),
         resolver_timeout in value(),
     ) {
         let mut toml = String::from("[[route]]\n");
