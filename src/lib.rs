@@ -19,7 +19,8 @@
 //! [`check`] (the `check` command), [`logging`].
 //!
 //! [`Server::bind`] takes a validated configuration and binds every listener;
-//! [`Server::run`] serves until a shutdown future completes and then drains.
+//! [`Server::serve`] serves, applying [`Control`] messages (reload,
+//! shutdown) as they come, and drains on shutdown.
 //! Tests bind `127.0.0.1:0` and run it in-process.
 
 pub mod admin;
@@ -130,7 +131,7 @@ impl Server {
     /// Builds the resolver, installs the metrics recorder, and binds every
     /// route's listener and the admin endpoint (taking sockets passed by
     /// systemd where their address matches). Nothing is accepted until
-    /// [`Server::run`].
+    /// [`Server::serve`].
     pub fn bind(config: Config) -> Result<Server, StartError> {
         let handle = metrics::install()?;
         let resolver = Arc::new(Resolver::new(&config.resolver)?);
@@ -188,20 +189,6 @@ impl Server {
         self.admin_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
-    }
-
-    /// Serves until `shutdown` completes. A shorthand for [`Server::serve`]
-    /// without reloads.
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let (tx, rx) = mpsc::channel(1);
-        let serving = self.serve(rx);
-        tokio::pin!(serving);
-        tokio::select! {
-            _ = &mut serving => return,
-            _ = shutdown => {}
-        }
-        let _ = tx.send(Control::Shutdown).await;
-        serving.await;
     }
 
     /// Serves, applying each [`Control`] as it comes; on `Shutdown` (or
