@@ -38,7 +38,6 @@ pub mod service;
 pub mod splice;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
