@@ -86,19 +86,12 @@ struct Table {
 }
 
 impl Table {
-    fn entry(
-        &mut self,
-        addr: SocketAddr,
-        changes: &mut Vec<(SocketAddr, Transition)>,
-    ) -> &mut AddrState {
+    fn entry(&mut self, addr: SocketAddr) -> &mut AddrState {
         if self.states.len() >= MAX_ADDRS && !self.states.contains_key(&addr) {
             // Forget the up addresses: nothing is lost but their "since".
             self.states.retain(|_, s| s.down.is_some());
         }
-        self.states.entry(addr).or_insert_with(|| {
-            changes.push((addr, Transition::New));
-            AddrState::new()
-        })
+        self.states.entry(addr).or_insert_with(AddrState::new)
     }
 }
 
@@ -140,13 +133,13 @@ impl Health {
         }
         let first = addrs.first().copied();
         let mut table = lock(&self.addrs);
-        let mut changes = Vec::new();
+        let mut new = Vec::new();
         for a in &addrs {
             if !table.states.contains_key(a) {
-                table.entry(*a, &mut changes);
+                table.entry(*a);
+                new.push(*a);
             }
         }
-        let new = changes.into_iter().map(|(a, _)| a).collect();
         if table.down == 0 {
             return Plan {
                 addrs,
@@ -196,9 +189,8 @@ impl Health {
     /// Marks `addr` down after a failed attempt. Returns true when it was up.
     pub fn mark_down(&self, addr: SocketAddr, now: Instant, error: &'static str) -> bool {
         let mut table = lock(&self.addrs);
-        let mut ignored = Vec::new();
         let base = self.retry_base;
-        let s = table.entry(addr, &mut ignored);
+        let s = table.entry(addr);
         s.last_error = Some(error);
         match &mut s.down {
             Some(d) => {
@@ -241,8 +233,7 @@ impl Health {
     ) -> Option<Transition> {
         let flip = {
             let mut table = lock(&self.addrs);
-            let mut ignored = Vec::new();
-            let s = table.entry(addr, &mut ignored);
+            let s = table.entry(addr);
             match error {
                 None => {
                     s.probe_ok = s.probe_ok.saturating_add(1);

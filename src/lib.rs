@@ -104,26 +104,32 @@ pub struct Server {
     inherited: Vec<(SocketAddr, std::net::TcpListener)>,
 }
 
+/// A route's listener (taken from systemd's when the address matches) and
+/// the address it is bound to (the real port when `listen` asked for 0).
 fn bind_route(
     rc: &config::RouteConfig,
     inherited: &mut Vec<(SocketAddr, std::net::TcpListener)>,
-) -> Result<TcpListener, StartError> {
+) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind {
         route: rc.name.clone(),
         addr: rc.listen,
         source,
     };
-    if let Some(i) = inherited.iter().position(|(a, _)| *a == rc.listen) {
-        let (_, l) = inherited.swap_remove(i);
-        l.set_nonblocking(true).map_err(err)?;
-        // Inherited by every accepted socket (see listener::bind).
-        socket2::SockRef::from(&l)
-            .set_tcp_nodelay(true)
-            .map_err(err)?;
-        tracing::info!(route = %rc.name, listen = %rc.listen, "using the socket passed by systemd");
-        return TcpListener::from_std(l).map_err(err);
-    }
-    listener::bind(rc.listen).map_err(err)
+    let listener = match inherited.iter().position(|(a, _)| *a == rc.listen) {
+        Some(i) => {
+            let (_, l) = inherited.swap_remove(i);
+            l.set_nonblocking(true).map_err(err)?;
+            // Inherited by every accepted socket (see listener::bind).
+            socket2::SockRef::from(&l)
+                .set_tcp_nodelay(true)
+                .map_err(err)?;
+            tracing::info!(route = %rc.name, listen = %rc.listen, "using the socket passed by systemd");
+            TcpListener::from_std(l).map_err(err)?
+        }
+        None => listener::bind(rc.listen).map_err(err)?,
+    };
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
 }
 
 impl Server {
@@ -138,12 +144,7 @@ impl Server {
         let mut pending = Vec::with_capacity(config.routes.len());
         let mut own = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            let listener = bind_route(rc, &mut inherited)?;
-            let bound = listener.local_addr().map_err(|source| StartError::Bind {
-                route: rc.name.clone(),
-                addr: rc.listen,
-                source,
-            })?;
+            let (listener, bound) = bind_route(rc, &mut inherited)?;
             own.push(bound);
             let mut rc = rc.clone();
             rc.listen = bound;
@@ -362,7 +363,7 @@ impl Server {
             .filter(|rc| !slots.contains_key(&rc.listen))
         {
             match bind_route(rc, &mut self.inherited) {
-                Ok(l) => fresh.push((rc.clone(), l)),
+                Ok((l, bound)) => fresh.push((rc.clone(), l, bound)),
                 Err(e) => {
                     tracing::error!(error = %error_chain(&e), "reload: keeping the running configuration");
                     return;
@@ -402,13 +403,10 @@ impl Server {
                 slot.probes = self.start_health(&route);
             }
         }
-        for (rc, l) in fresh {
+        for (mut rc, l, bound) in fresh {
             let configured = rc.listen;
-            let mut rc = rc;
-            if let Ok(a) = l.local_addr() {
-                rc.listen = a;
-            }
-            own.push(rc.listen);
+            rc.listen = bound;
+            own.push(bound);
             let route = Arc::new(Route::new(rc, new.health.clone(), None));
             slots.insert(configured, self.start_slot(route, l, drain));
         }

@@ -5,8 +5,9 @@
 //! Only the address-labelled series are looked up per event, and their
 //! address values only ever come from an answer.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
@@ -151,7 +152,11 @@ pub struct RouteMetrics {
     pub bytes_to_upstream: Counter,
     pub bytes_to_client: Counter,
     pub connection_duration: Histogram,
+    attempts: Mutex<HashMap<(SocketAddr, AttemptResult), Counter>>,
 }
+
+/// Attempt counters cached per route.
+const MAX_CACHED_SERIES: usize = 1024;
 
 impl RouteMetrics {
     pub fn new(route: &str) -> RouteMetrics {
@@ -177,6 +182,7 @@ impl RouteMetrics {
             bytes_to_upstream: counter!(BYTES, "route" => r.clone(), "direction" => "to_upstream"),
             bytes_to_client: counter!(BYTES, "route" => r.clone(), "direction" => "to_client"),
             connection_duration: histogram!(CONNECTION_DURATION, "route" => r.clone()),
+            attempts: Mutex::new(HashMap::new()),
             route: r,
         }
     }
@@ -197,8 +203,20 @@ impl RouteMetrics {
         }
     }
 
+    /// Counted per connection: the handle is looked up once per address
+    /// and result, not built (two strings, a label hash) every time.
     pub fn attempt(&self, addr: SocketAddr, result: AttemptResult) {
-        counter!(UPSTREAM_ATTEMPTS, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
+        let mut cache = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= MAX_CACHED_SERIES && !cache.contains_key(&(addr, result)) {
+            // A churning answer must not grow this without end; the series
+            // themselves live on in the recorder.
+            cache.clear();
+        }
+        cache
+            .entry((addr, result))
+            .or_insert_with(|| {
+                counter!(UPSTREAM_ATTEMPTS, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
+            })
             .increment(1);
     }
 
