@@ -102,7 +102,6 @@ class Env:
         self.http_port = free_port()
         self.iperf_port = free_port()
         self.hold_port = free_port()
-        self.dns_port = free_port(kind=socket.SOCK_DGRAM)
         conf = tmp / "nginx.conf"
         conf.write_text(f"""
 worker_processes 1;
@@ -133,12 +132,21 @@ http {{
         hosts.write_text(f"{LIVE} bench.test\n")
         os.chmod(tmp, 0o755)
         os.chmod(hosts, 0o644)
-        self.dnsmasq = procs.start("dnsmasq", [
-            "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--log-facility=-",
-            "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
-            "--local=/test/", f"--port={self.dns_port}", f"--addn-hosts={hosts}",
-            f"--pid-file={tmp}/dnsmasq.pid", "--local-ttl=3600", "--cache-size=1000",
-        ])
+        # dnsmasq binds TCP and UDP on its port; a port free for UDP when
+        # chosen can be taken for TCP by then, so a failed start retries.
+        for _ in range(5):
+            self.dns_port = free_port(kind=socket.SOCK_DGRAM)
+            self.dnsmasq = procs.start("dnsmasq", [
+                "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--log-facility=-",
+                "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+                "--local=/test/", f"--port={self.dns_port}", f"--addn-hosts={hosts}",
+                f"--pid-file={tmp}/dnsmasq.pid", "--local-ttl=3600", "--cache-size=1000",
+            ])
+            if self.wait_dns():
+                break
+            procs.stop(self.dnsmasq)
+        else:
+            raise RuntimeError("dnsmasq does not answer")
         # The hosts file failover-proxy reads in "hosts" mode; the failover
         # aliases list the broken address first.
         self.hosts = tmp / "hosts"
@@ -155,21 +163,21 @@ http {{
         for port in (self.http_port, self.hold_port):
             wait_port(port)
         time.sleep(0.3)  # iperf3 -s has no readiness signal; a probe would occupy it
-        self.wait_dns()
 
     def wait_dns(self):
+        """True once dnsmasq answers; False if it exited or stayed silent."""
         q = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05bench\x04test\x00\x00\x01\x00\x01"
         deadline = time.monotonic() + 10
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.settimeout(0.2)
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline and self.dnsmasq.poll() is None:
                 try:
                     s.sendto(q, ("127.0.0.1", self.dns_port))
                     if s.recv(512)[:2] == b"\x12\x34":
-                        return
+                        return True
                 except OSError:
                     time.sleep(0.05)
-        raise RuntimeError("dnsmasq does not answer")
+        return False
 
 
 class Mode:

@@ -16,6 +16,12 @@ use tokio::time::Instant;
 
 /// Keepalive on upstream sockets, so a server that vanishes (power loss,
 /// partition) is noticed within about 25 s even on an idle connection.
+///
+/// Set only once a relayed connection has lived `KEEPALIVE_ARM_AFTER`:
+/// these are four of the thirty-odd system calls a short connection costs,
+/// and one that ends sooner never needs them. The first probe then comes at
+/// most this much later.
+pub const KEEPALIVE_ARM_AFTER: Duration = Duration::from_secs(1);
 const KEEPALIVE_TIME: Duration = Duration::from_secs(10);
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// Unacknowledged data (or unanswered keepalive probes) for this long means
@@ -101,8 +107,8 @@ pub fn classify(e: &io::Error) -> AttemptResult {
     }
 }
 
-/// One TCP connect bounded by `timeout`, with TCP_NODELAY and keepalive set
-/// on the socket before the handshake.
+/// One TCP connect bounded by `timeout`, with TCP_NODELAY set on the socket
+/// before the handshake. Keepalive comes later (`arm_keepalive`).
 pub async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
@@ -110,13 +116,6 @@ pub async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpS
         TcpSocket::new_v6()?
     };
     socket.set_nodelay(true)?;
-    let sock = SockRef::from(&socket);
-    sock.set_tcp_keepalive(
-        &TcpKeepalive::new()
-            .with_time(KEEPALIVE_TIME)
-            .with_interval(KEEPALIVE_INTERVAL),
-    )?;
-    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))?;
     match tokio::time::timeout(timeout, socket.connect(addr)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
@@ -124,6 +123,17 @@ pub async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpS
             format!("no answer from {addr} within {timeout:?}"),
         )),
     }
+}
+
+/// Keepalive and TCP_USER_TIMEOUT on an upstream socket.
+pub fn arm_keepalive(stream: &TcpStream) -> io::Result<()> {
+    let sock = SockRef::from(stream);
+    sock.set_tcp_keepalive(
+        &TcpKeepalive::new()
+            .with_time(KEEPALIVE_TIME)
+            .with_interval(KEEPALIVE_INTERVAL),
+    )?;
+    sock.set_tcp_user_timeout(Some(USER_TIMEOUT))
 }
 
 type Pending = Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>;

@@ -310,7 +310,10 @@ impl Server {
         let interval = route.health_cfg.interval;
         let route = route.clone();
         tokio::spawn(async move {
-            match route.resolve(&shared.resolver).await {
+            match route
+                .resolve(&shared.resolver, std::time::Instant::now())
+                .await
+            {
                 Ok(a) => {
                     tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved")
                 }

@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,6 +19,14 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Rejections over the limit are summed into one log line per interval, so
 /// a flood cannot flood the log too.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
+/// While connections are open, the accept loop keeps a timer due within
+/// this long. tokio wakes its I/O driver (an eventfd write, one system call)
+/// whenever a new timer is due before every pending one; each connection
+/// sets timers (connect timeout, keepalive arming, stagger), so without an
+/// earlier one already pending, every connection would pay for that wake.
+/// Shorter than the default `attempt_delay`; costs ten wakeups a second,
+/// and none while no connection is open.
+const TIMER_ANCHOR: Duration = Duration::from_millis(100);
 
 /// Completes once `rx` says stop. The guard `wait_for` returns is dropped
 /// here, so callers can hold this future across awaits in `Send` tasks.
@@ -74,17 +83,33 @@ pub async fn accept_loop(
     let mut rejected: u64 = 0;
     let mut last_limit_log: Option<Instant> = None;
     let listen = current.get().cfg.listen;
+    let anchor = tokio::time::sleep(TIMER_ANCHOR);
+    tokio::pin!(anchor);
+    let mut anchored = false;
     loop {
         // The shutdown branch comes first so that a flood of connections
         // cannot keep the loop from stopping.
         let accepted = tokio::select! {
             biased;
             _ = stopped(&mut shutdown) => break,
+            () = anchor.as_mut(), if anchored => {
+                if current.get().state.active.load(Ordering::Relaxed) > 0 {
+                    anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
+                } else {
+                    anchored = false;
+                }
+                continue;
+            }
             r = listener.accept() => r,
         };
         match accepted {
             Ok((stream, peer)) => {
+                let arrived = std::time::Instant::now();
                 backoff = ACCEPT_BACKOFF_MIN;
+                if !anchored {
+                    anchored = true;
+                    anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
+                }
                 let route = current.get();
                 route.state.metrics.accepted.increment(1);
                 match route.limit.clone().try_acquire_owned() {
@@ -92,7 +117,7 @@ pub async fn accept_loop(
                         let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
                         let drain = drain.clone();
                         tokio::spawn(async move {
-                            serve(route, shared, stream, ClientAddr(peer)).await;
+                            serve(route, shared, stream, ClientAddr(peer), arrived).await;
                             drop(permit);
                             drop(drain);
                         });

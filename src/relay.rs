@@ -11,7 +11,7 @@ use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
+use crate::connect::{KEEPALIVE_ARM_AFTER, arm_keepalive};
 use crate::splice;
 
 /// How bytes are moved: `splice(2)` through a pooled pipe, or read and
@@ -132,23 +133,33 @@ async fn both_ways(
     // Milliseconds since `started` of the last byte moved; shared by both
     // directions so that traffic either way keeps the connection alive.
     let last = AtomicU64::new(0);
+    let up_finished = AtomicBool::new(false);
+    let down_finished = AtomicBool::new(false);
     let up = pump(
         client_r,
         upstream_w,
-        Side::Client,
-        &counts.to_upstream,
-        &last,
-        started,
-        mode,
+        Dir {
+            src_side: Side::Client,
+            count: &counts.to_upstream,
+            last: &last,
+            other_finished: &down_finished,
+            started,
+            arm_keepalive_at: None,
+            mode,
+        },
     );
     let down = pump(
         upstream_r,
         client_w,
-        Side::Upstream,
-        &counts.to_client,
-        &last,
-        started,
-        mode,
+        Dir {
+            src_side: Side::Upstream,
+            count: &counts.to_client,
+            last: &last,
+            other_finished: &up_finished,
+            started,
+            arm_keepalive_at: Some(started + KEEPALIVE_ARM_AFTER),
+            mode,
+        },
     );
     tokio::pin!(up, down);
     let mut up_done = false;
@@ -179,10 +190,12 @@ async fn both_ways(
             Ev::Up(r) => {
                 r?;
                 up_done = true;
+                up_finished.store(true, Ordering::Relaxed);
             }
             Ev::Down(r) => {
                 r?;
                 down_done = true;
+                down_finished.store(true, Ordering::Relaxed);
             }
             Ev::IdleCheck => {
                 let Some(idle) = idle else { continue };
@@ -218,16 +231,32 @@ async fn read_now(src: &mut ReadHalf<'_>, buf: &mut [u8]) -> io::Result<Option<u
     .await
 }
 
-/// One direction: `src` to `dst`, passing a FIN on as a write shutdown.
-async fn pump(
-    src: &mut ReadHalf<'_>,
-    dst: &mut WriteHalf<'_>,
+/// What one direction needs besides its two sockets.
+struct Dir<'a> {
     src_side: Side,
-    count: &AtomicU64,
-    last: &AtomicU64,
+    count: &'a AtomicU64,
+    last: &'a AtomicU64,
+    /// The other direction has passed its FIN on: a FIN read here needs no
+    /// write shutdown, since the close that follows sends it.
+    other_finished: &'a AtomicBool,
     started: Instant,
+    /// When to set keepalive on `src` (the upstream socket), if it is
+    /// still open then.
+    arm_keepalive_at: Option<Instant>,
     mode: Mode,
-) -> Result<(), DirError> {
+}
+
+/// One direction: `src` to `dst`, passing a FIN on as a write shutdown.
+async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Result<(), DirError> {
+    let Dir {
+        src_side,
+        count,
+        last,
+        other_finished,
+        started,
+        arm_keepalive_at,
+        mode,
+    } = d;
     let dst_side = match src_side {
         Side::Client => Side::Upstream,
         Side::Upstream => Side::Client,
@@ -251,9 +280,30 @@ async fn pump(
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(on_dst(e)),
     };
+    // Not registered with the timer until first polled: the client
+    // direction, which has no deadline, never is.
+    let arm = tokio::time::sleep_until(arm_keepalive_at.unwrap_or(started));
+    tokio::pin!(arm);
+    let mut armed = arm_keepalive_at.is_none();
     loop {
         // Wait with no buffer or pipe: an idle connection holds none.
-        src.as_ref().readable().await.map_err(on_src)?;
+        if armed {
+            src.as_ref().readable().await.map_err(on_src)?;
+        } else {
+            // The deadline first, so a server that keeps the socket
+            // readable still gets its keepalive.
+            tokio::select! {
+                biased;
+                () = arm.as_mut() => {
+                    armed = true;
+                    if let Err(e) = arm_keepalive(src.as_ref()) {
+                        tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
+                    }
+                    continue;
+                }
+                r = src.as_ref().readable() => r.map_err(on_src)?,
+            }
+        }
         // Every burst starts with a copy through a pooled buffer: for the
         // small messages of request/response traffic that is one recv and
         // one send. Only a burst that fills the buffer is bulk, and moves
@@ -271,7 +321,7 @@ async fn pump(
                         tokio::task::coop::consume_budget().await;
                         break;
                     }
-                    Ok(Some(0)) => return pass_fin(dst.shutdown().await),
+                    Ok(Some(0)) => return pass_fin(pass_eof(dst, other_finished).await),
                     Ok(Some(n)) => {
                         dst.write_all(&buf[..n]).await.map_err(on_dst)?;
                         moved(n);
@@ -297,7 +347,7 @@ async fn pump(
                 Ok(Some(())) => pipe.give_back(),
                 Ok(None) => {
                     pipe.give_back();
-                    return pass_fin(dst.shutdown().await);
+                    return pass_fin(pass_eof(dst, other_finished).await);
                 }
                 // A pipe with data left in it is dropped, not pooled.
                 Err(splice::Failed::Src(e)) => return Err(on_src(e)),
@@ -305,6 +355,16 @@ async fn pump(
             }
         }
     }
+}
+
+/// Passes a FIN read on one side to the other: a write shutdown, unless the
+/// other direction is finished too, when the close that ends the relay
+/// sends the FIN and the shutdown would be one system call more.
+async fn pass_eof(dst: &mut WriteHalf<'_>, other_finished: &AtomicBool) -> io::Result<()> {
+    if other_finished.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    dst.shutdown().await
 }
 
 /// Relay buffers, reused per thread instead of allocated (and zeroed) per

@@ -72,7 +72,7 @@ impl Answer {
 
 /// Why an alias did not resolve. NXDOMAIN and an empty answer are answers:
 /// they are never replaced by a stale one.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ResolveError {
     #[error("{alias} does not exist (nxdomain)")]
     NxDomain { alias: String },
@@ -164,6 +164,21 @@ pub struct Resolver {
     timeout: Duration,
     stale_limit: Option<Duration>,
     stale: Mutex<HashMap<String, LastGood>>,
+    /// DNS queries in flight, by name, for connections that arrive together
+    /// to share (see `query_shared`).
+    flights: Mutex<HashMap<String, Arc<Flight>>>,
+}
+
+type DnsResult = Result<Vec<IpAddr>, ResolveError>;
+
+/// One DNS query that several resolutions wait for. The sender stays with
+/// the resolution that asks: if its connection is dropped mid-query, the
+/// others see the channel close and ask themselves.
+struct Flight {
+    /// When the query was started: only a resolution asked for at or before
+    /// this instant may use its answer.
+    started: Instant,
+    result: tokio::sync::watch::Receiver<Option<DnsResult>>,
 }
 
 /// The last good DNS answer of one alias.
@@ -237,12 +252,21 @@ impl Resolver {
             timeout: cfg.timeout,
             stale_limit: cfg.stale_on_error,
             stale: Mutex::new(HashMap::new()),
+            flights: Mutex::new(HashMap::new()),
         })
     }
 
     /// Resolves `alias` now: hosts file, then DNS, then (on a DNS failure
     /// only) the last good answer if it is recent enough.
     pub async fn resolve(&self, alias: &Alias) -> Resolution {
+        self.resolve_for(alias, Instant::now()).await
+    }
+
+    /// [`Resolver::resolve`] for a connection that arrived at `arrived`: it
+    /// may share a DNS query started since then (by another connection that
+    /// arrived with it), never one started before, so every answer it gets
+    /// was asked for after it arrived.
+    pub async fn resolve_for(&self, alias: &Alias, arrived: Instant) -> Resolution {
         let started = Instant::now();
         let name = match alias {
             Alias::Ip(ip) => {
@@ -300,13 +324,7 @@ impl Resolver {
             };
         }
 
-        let result = match tokio::time::timeout(self.timeout, self.query_dns(name)).await {
-            Ok(r) => r,
-            Err(_) => Err(ResolveError::Timeout {
-                alias: name.into(),
-                after: self.timeout,
-            }),
-        };
+        let result = self.query_shared(name, arrived).await;
         let elapsed = started.elapsed();
         match result {
             Ok(addrs) => {
@@ -379,6 +397,75 @@ impl Resolver {
             addrs: last.addrs.clone(),
             at: last.at,
         })
+    }
+
+    /// The DNS answer for `name`, from a query started at or after
+    /// `arrived`, within `timeout`.
+    ///
+    /// At most one query per name is in flight. A resolution that arrives
+    /// while one is joins it if the query started after it arrived (other
+    /// connections accepted in the same batch), and otherwise waits for it
+    /// to end and then asks anew, so no answer predates the connection.
+    /// The wait matters: hickory shares an identical query in flight with
+    /// any later asker, which would hand out an answer asked for before the
+    /// connection came. Under load this turns one query per connection into
+    /// one per round trip to the DNS server.
+    async fn query_shared(&self, name: &str, arrived: Instant) -> DnsResult {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timed_out = || ResolveError::Timeout {
+            alias: name.into(),
+            after: self.timeout,
+        };
+        let (tx, flight) = loop {
+            let flight = {
+                let mut flights = lock(&self.flights);
+                match flights.get(name) {
+                    Some(f) => f.clone(),
+                    None => {
+                        // Looked up and taken under one lock: two askers
+                        // cannot both start a query.
+                        let (tx, rx) = tokio::sync::watch::channel(None);
+                        let flight = Arc::new(Flight {
+                            started: Instant::now(),
+                            result: rx,
+                        });
+                        flights.insert(name.to_string(), flight.clone());
+                        break (tx, flight);
+                    }
+                }
+            };
+            let mut rx = flight.result.clone();
+            match tokio::time::timeout_at(deadline, rx.wait_for(Option::is_some)).await {
+                Err(_) => return Err(timed_out()),
+                Ok(Ok(r)) if flight.started >= arrived => {
+                    if let Some(r) = r.as_ref() {
+                        return r.clone();
+                    }
+                }
+                Ok(Ok(_)) => {}
+                // Its resolution was dropped mid-query (its connection
+                // went away): clear it, then look again.
+                Ok(Err(_)) => {
+                    let mut flights = lock(&self.flights);
+                    if flights.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                        flights.remove(name);
+                    }
+                }
+            }
+        };
+        let result = tokio::time::timeout_at(deadline, self.query_dns(name))
+            .await
+            .unwrap_or_else(|_| Err(timed_out()));
+        // Out of the map before the answer is out: whoever the answer
+        // wakes and cannot use then finds no query in flight and asks.
+        {
+            let mut flights = lock(&self.flights);
+            if flights.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
+                flights.remove(name);
+            }
+        }
+        tx.send_replace(Some(result.clone()));
+        result
     }
 
     async fn query_dns(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
@@ -482,17 +569,49 @@ struct FileStamp {
     ctime: (i64, i64),
 }
 
+/// How long after its last change a file with sub-second timestamps is
+/// still read again on every lookup. Such timestamps move in steps of the
+/// kernel's clock tick (10 ms at the coarsest HZ), so a second write of the
+/// same length within one tick can leave the stamp unchanged; this covers
+/// several ticks.
+const RACY_FINE: Duration = Duration::from_millis(50);
+/// The same for a filesystem with whole-second timestamps (FAT's are two
+/// seconds apart), recognised by their zero nanoseconds.
+const RACY_COARSE: Duration = Duration::from_secs(3);
+/// How long a file found empty just after a change is taken for one being
+/// rewritten in place, and the previous table kept: the time a writer may
+/// take between truncating and writing.
+const EMPTY_REWRITE: Duration = Duration::from_secs(2);
+
 impl FileStamp {
-    /// Timestamps are as coarse as the kernel's tick, so two writes of the
-    /// same length within one tick share a stamp. As git does with its index,
-    /// a file modified within the last second is not trusted to be unchanged
-    /// and is read again.
+    /// Whether the file changed too recently for its stamp to prove that it
+    /// has not changed since (git's "racy" rule for its index). Such a file
+    /// is read again; only a stamp older than the timestamp granularity is
+    /// trusted.
     fn is_recent(&self) -> bool {
-        let now = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(i64::MAX);
-        now - self.mtime.0.max(self.ctime.0) <= 1
+        self.is_recent_at(SystemTime::now())
+    }
+
+    fn is_recent_at(&self, now: SystemTime) -> bool {
+        let window = if self.mtime.1 == 0 && self.ctime.1 == 0 {
+            RACY_COARSE
+        } else {
+            RACY_FINE
+        };
+        self.changed_within(now, window)
+    }
+
+    /// Whether the last change (mtime or ctime) is at most `window` before
+    /// `now`. A change time in the future (the clock was set back) counts
+    /// as recent: it proves nothing either.
+    fn changed_within(&self, now: SystemTime, window: Duration) -> bool {
+        let latest = self.mtime.max(self.ctime);
+        let Ok(secs) = u64::try_from(latest.0) else {
+            return false;
+        };
+        let nanos = u32::try_from(latest.1).unwrap_or(0);
+        let changed = SystemTime::UNIX_EPOCH + Duration::new(secs, nanos);
+        now.duration_since(changed).is_ok_and(|age| age <= window) || changed > now
     }
 
     fn of(path: &Path) -> io::Result<FileStamp> {
@@ -554,7 +673,10 @@ impl HostsFile {
             // An empty file written moments ago is most likely one being
             // rewritten in place (truncated, not yet written): keep serving
             // the previous table and look again on the next connection.
-            if text.is_empty() && after.is_recent() && cache.stamp.is_some() {
+            if text.is_empty()
+                && after.changed_within(SystemTime::now(), EMPTY_REWRITE)
+                && cache.stamp.is_some()
+            {
                 return Ok(());
             }
             if after == stamp {
@@ -665,5 +787,34 @@ mod tests {
         assert_eq!(h.lookup("a.test"), Some(vec!["127.0.0.2".parse().unwrap()]));
         std::fs::remove_file(&path).unwrap();
         assert_eq!(h.lookup("a.test"), None);
+    }
+
+    fn stamp_at(secs: i64, nanos: i64) -> FileStamp {
+        FileStamp {
+            dev: 1,
+            ino: 1,
+            len: 10,
+            mtime: (secs, nanos),
+            ctime: (secs, nanos),
+        }
+    }
+
+    #[test]
+    fn a_stamp_is_trusted_once_older_than_its_timestamp_granularity() {
+        let t = 1_700_000_000;
+        let at = |secs: u64, millis: u64| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        // Sub-second timestamps: a few clock ticks.
+        let fine = stamp_at(t, 250_000_000);
+        assert!(fine.is_recent_at(at(t as u64, 260)));
+        assert!(fine.is_recent_at(at(t as u64, 300)));
+        assert!(!fine.is_recent_at(at(t as u64, 301)));
+        // Whole-second timestamps (zero nanoseconds): seconds.
+        let coarse = stamp_at(t, 0);
+        assert!(coarse.is_recent_at(at(t as u64 + 2, 900)));
+        assert!(!coarse.is_recent_at(at(t as u64 + 3, 1)));
+        // A change time ahead of the clock proves nothing.
+        assert!(fine.is_recent_at(at(t as u64 - 60, 0)));
     }
 }

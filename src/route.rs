@@ -92,9 +92,14 @@ impl Route {
     }
 
     /// Resolves the alias now, recording metrics and the last answer. Used
-    /// by connections and active probes alike.
-    pub async fn resolve(&self, resolver: &Resolver) -> Result<Answer, ResolveError> {
-        let r = resolver.resolve(&self.cfg.alias).await;
+    /// by connections and active probes alike. `arrived` is when the
+    /// connection was accepted (see [`Resolver::resolve_for`]).
+    pub async fn resolve(
+        &self,
+        resolver: &Resolver,
+        arrived: std::time::Instant,
+    ) -> Result<Answer, ResolveError> {
+        let r = resolver.resolve_for(&self.cfg.alias, arrived).await;
         let m = &self.state.metrics;
         let error = r.stale_because.as_ref().map(|e| e.kind()).or(r
             .result
@@ -232,14 +237,20 @@ impl Drop for Active<'_> {
 
 /// Serves one client connection to its end. Errors here are logged and
 /// never bubble up: one connection cannot affect the accept loop.
-pub async fn serve(route: Arc<Route>, shared: Shared, mut client: TcpStream, peer: ClientAddr) {
+pub async fn serve(
+    route: Arc<Route>,
+    shared: Shared,
+    mut client: TcpStream,
+    peer: ClientAddr,
+    arrived: std::time::Instant,
+) {
     let started = Instant::now();
     // TCP_NODELAY comes from the listener (listener::bind).
     let cfg = &route.cfg;
     let st = &route.state;
     let _active = Active::new(st);
 
-    let answer = match route.resolve(&shared.resolver).await {
+    let answer = match route.resolve(&shared.resolver, arrived).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(
@@ -392,7 +403,10 @@ pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
     let cfg = &route.cfg;
     loop {
         let round = Instant::now();
-        match route.resolve(&shared.resolver).await {
+        match route
+            .resolve(&shared.resolver, std::time::Instant::now())
+            .await
+        {
             Ok(answer) => {
                 let addrs = answer.socket_addrs(cfg.port);
                 route.state.health.retain(&addrs);

@@ -313,3 +313,70 @@ async fn an_answer_pointing_at_the_proxy_itself_is_never_dialled() {
     let proxy = start(cfg);
     assert_reset(proxy.addr()).await;
 }
+
+fn dns_only_resolver(dns: std::net::SocketAddr) -> failover_proxy::resolve::Resolver {
+    failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+        nameservers: vec![dns],
+        hosts_file: None,
+        family: failover_proxy::config::Family::Ipv4,
+        timeout: Duration::from_secs(2),
+        stale_on_error: None,
+    })
+    .expect("resolver")
+}
+
+#[tokio::test]
+async fn connections_that_arrive_together_share_one_dns_query() {
+    let dns = DnsServer::start().await;
+    dns.records("cluster.test", &[ip(100)]);
+    let resolver = dns_only_resolver(dns.addr);
+    let alias = failover_proxy::config::Alias::parse("cluster.test").unwrap();
+    // Four connections accepted in one batch: all arrived before any query.
+    let arrived = Instant::now();
+    let (a, b, c, d) = within("four resolutions", async {
+        tokio::join!(
+            resolver.resolve_for(&alias, arrived),
+            resolver.resolve_for(&alias, arrived),
+            resolver.resolve_for(&alias, arrived),
+            resolver.resolve_for(&alias, arrived),
+        )
+    })
+    .await;
+    for r in [a, b, c, d] {
+        assert_eq!(r.result.expect("resolved").addrs, vec![ip(100)]);
+    }
+    assert_eq!(dns.queries(), 1, "one query for the batch");
+    // A connection arriving now asks again, and sees a changed record.
+    dns.records("cluster.test", &[ip(101)]);
+    let r = within("a later resolution", resolver.resolve(&alias)).await;
+    assert_eq!(r.result.expect("resolved").addrs, vec![ip(101)]);
+    assert_eq!(dns.queries(), 2);
+}
+
+#[tokio::test]
+async fn a_connection_never_takes_the_answer_of_a_query_asked_before_it_arrived() {
+    let dns = DnsServer::start().await;
+    // The first query goes unanswered; every later one gets its own address.
+    dns.set("cluster.test", Behavior::Numbered(100));
+    let resolver = std::sync::Arc::new(dns_only_resolver(dns.addr));
+    let alias = failover_proxy::config::Alias::parse("cluster.test").unwrap();
+    let first = {
+        let (resolver, alias) = (resolver.clone(), alias.clone());
+        tokio::spawn(async move { resolver.resolve(&alias).await })
+    };
+    eventually("the first query at the server", || async {
+        dns.queries() >= 1
+    })
+    .await;
+    // Arrives while that query is unanswered: it must ask on its own, not
+    // wait for the older query's answer.
+    let later = within("the later resolution", resolver.resolve(&alias)).await;
+    let later = later.result.expect("resolved").addrs;
+    // The first resolution ends with an answer to its own retransmission
+    // or with a timeout; either way not the later one's.
+    let first = within("the first resolution", first).await.unwrap();
+    if let Ok(a) = &first.result {
+        assert_ne!(a.addrs, later, "both got the answer of one query");
+    }
+    assert_ne!(later, vec![ip(101)], "the ignored first query was answered");
+}

@@ -237,3 +237,48 @@ async fn one_way_upload_of_many_buffers_is_relayed_whole() {
     assert_eq!(reply, want.to_string());
     sink.await.unwrap();
 }
+
+/// The kernel's timer state for the TCP socket `local` → `remote`, from
+/// /proc/net/tcp: (timer kind, ticks until it fires). Kind 2 on an
+/// established socket is the keepalive timer.
+fn tcp_timer(local: SocketAddr, remote: SocketAddr) -> Option<(u32, u64)> {
+    fn hex(a: SocketAddr) -> String {
+        let SocketAddr::V4(a) = a else {
+            panic!("IPv4 only: {a}")
+        };
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_le_bytes(a.ip().octets()),
+            a.port()
+        )
+    }
+    let (l, r) = (hex(local), hex(remote));
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&l.as_str()) || f.get(2) != Some(&r.as_str()) {
+            return None;
+        }
+        let (kind, when) = f.get(5)?.split_once(':')?;
+        Some((kind.parse().ok()?, u64::from_str_radix(when, 16).ok()?))
+    })
+}
+
+#[tokio::test]
+async fn a_silent_upstream_connection_gets_keepalive() {
+    let (addr, mut accepted) = raw_backend(ip(49)).await;
+    let proxy = proxy_to(addr, "");
+    let _client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let server = within("backend accept", accepted.recv()).await.unwrap();
+    // The proxy's end of the upstream connection, seen from the server.
+    let upstream_local = server.peer_addr().unwrap();
+    // Nothing is sent either way: keepalive is what would notice a server
+    // that vanished. It is set once the connection has lived a moment.
+    eventually("keepalive timer on the upstream socket", || async {
+        tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2)
+    })
+    .await;
+    let (_, ticks) = tcp_timer(upstream_local, addr).expect("upstream socket listed");
+    // First probe within the 10 s keepalive time (clock ticks of 1/100 s).
+    assert!(ticks <= 1000, "keepalive due in {ticks} ticks");
+}

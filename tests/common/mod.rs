@@ -44,6 +44,10 @@ pub enum Behavior {
     Garbage,
     /// Answer with a well-formed message for another query id and name.
     Mismatched,
+    /// Ignore the first query; answer the n-th (n from 2, counting every
+    /// query the server got) with 127.0.0.(base + n), so that each answer
+    /// tells which query it was for.
+    Numbered(u8),
 }
 
 /// A DNS server on 127.0.0.1 (UDP), built on hickory-proto, whose answers
@@ -91,8 +95,20 @@ impl DnsServer {
                 resp.metadata.recursion_available = true;
                 resp.metadata.authoritative = true;
                 resp.add_query(query.clone());
+                let behavior = match behavior {
+                    Behavior::Numbered(base) => {
+                        let n = *q.lock().unwrap();
+                        if n == 1 {
+                            continue;
+                        }
+                        let last = base.wrapping_add(u8::try_from(n).unwrap_or(u8::MAX));
+                        Behavior::Records(vec![ip(last)], 60)
+                    }
+                    b => b,
+                };
                 match behavior {
                     Behavior::Silent => continue,
+                    Behavior::Numbered(_) => continue,
                     Behavior::Garbage => {
                         let mut junk = buf[..n].to_vec();
                         junk.truncate(5);
