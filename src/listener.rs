@@ -3,7 +3,6 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -19,13 +18,13 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// Rejections over the limit are summed into one log line per interval, so
 /// a flood cannot flood the log too.
 const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
-/// While connections are open, the accept loop keeps a timer due within
+/// While connections keep arriving, the accept loop keeps a timer due within
 /// this long. tokio wakes its I/O driver (an eventfd write, one system call)
-/// whenever a new timer is due before every pending one; each connection
+/// whenever a new timer is due before every pending one; each new connection
 /// sets timers (connect timeout, keepalive arming, stagger), so without an
 /// earlier one already pending, every connection would pay for that wake.
-/// Shorter than the default `attempt_delay`; costs ten wakeups a second,
-/// and none while no connection is open.
+/// Shorter than the default `attempt_delay`; costs ten wakeups a second
+/// while connections arrive, and none once a period passes without one.
 const TIMER_ANCHOR: Duration = Duration::from_millis(100);
 
 /// Completes once `rx` says stop. The guard `wait_for` returns is dropped
@@ -86,6 +85,7 @@ pub async fn accept_loop(
     let anchor = tokio::time::sleep(TIMER_ANCHOR);
     tokio::pin!(anchor);
     let mut anchored = false;
+    let mut arrived_since_anchor = false;
     loop {
         // The shutdown branch comes first so that a flood of connections
         // cannot keep the loop from stopping.
@@ -93,7 +93,8 @@ pub async fn accept_loop(
             biased;
             _ = stopped(&mut shutdown) => break,
             () = anchor.as_mut(), if anchored => {
-                if current.get().state.active.load(Ordering::Relaxed) > 0 {
+                if arrived_since_anchor {
+                    arrived_since_anchor = false;
                     anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
                 } else {
                     anchored = false;
@@ -106,6 +107,7 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 let arrived = std::time::Instant::now();
                 backoff = ACCEPT_BACKOFF_MIN;
+                arrived_since_anchor = true;
                 if !anchored {
                     anchored = true;
                     anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
