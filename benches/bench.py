@@ -8,7 +8,9 @@ repetition rotates the order of the modes, and the table gives medians.
 
 Environment: BENCH_RUNS (repetitions, default 3), BENCH_SECONDS (length of
 each load run, default 5), BENCH_IDLE (idle connections, default 1000),
-BENCH_OUT (folder for raw outputs).
+BENCH_OUT (folder for raw outputs), BENCH_BIN (the failover-proxy binary,
+default target/release/failover-proxy: an unstripped build for perf, or an
+older build to compare against).
 """
 
 import json
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BIN = ROOT / "target" / "release" / "failover-proxy"
+BIN = Path(os.environ.get("BENCH_BIN", str(ROOT / "target" / "release" / "failover-proxy")))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 IDLE = int(os.environ.get("BENCH_IDLE", "1000"))
