@@ -105,12 +105,12 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let arrived = std::time::Instant::now();
+                let arrived = Instant::now();
                 backoff = ACCEPT_BACKOFF_MIN;
                 arrived_since_anchor = true;
                 if !anchored {
                     anchored = true;
-                    anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
+                    anchor.as_mut().reset(arrived + TIMER_ANCHOR);
                 }
                 let route = current.get();
                 route.state.metrics.accepted.increment(1);

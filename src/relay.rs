@@ -162,8 +162,6 @@ async fn both_ways(
         },
     );
     tokio::pin!(up, down);
-    let mut up_done = false;
-    let mut down_done = false;
     let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
     tokio::pin!(idle_sleep);
 
@@ -174,10 +172,14 @@ async fn both_ways(
             IdleCheck,
         }
         let ev = poll_fn(|cx| {
-            if !up_done && let Poll::Ready(r) = up.as_mut().poll(cx) {
+            if !up_finished.load(Ordering::Relaxed)
+                && let Poll::Ready(r) = up.as_mut().poll(cx)
+            {
                 return Poll::Ready(Ev::Up(r));
             }
-            if !down_done && let Poll::Ready(r) = down.as_mut().poll(cx) {
+            if !down_finished.load(Ordering::Relaxed)
+                && let Poll::Ready(r) = down.as_mut().poll(cx)
+            {
                 return Poll::Ready(Ev::Down(r));
             }
             if idle.is_some() && idle_sleep.as_mut().poll(cx).is_ready() {
@@ -189,12 +191,10 @@ async fn both_ways(
         match ev {
             Ev::Up(r) => {
                 r?;
-                up_done = true;
                 up_finished.store(true, Ordering::Relaxed);
             }
             Ev::Down(r) => {
                 r?;
-                down_done = true;
                 down_finished.store(true, Ordering::Relaxed);
             }
             Ev::IdleCheck => {
@@ -207,7 +207,7 @@ async fn both_ways(
                 idle_sleep.as_mut().reset(deadline);
             }
         }
-        if up_done && down_done {
+        if up_finished.load(Ordering::Relaxed) && down_finished.load(Ordering::Relaxed) {
             return Ok(End::Closed);
         }
     }

@@ -445,12 +445,7 @@ impl Resolver {
                 Ok(Ok(_)) => {}
                 // Its resolution was dropped mid-query (its connection
                 // went away): clear it, then look again.
-                Ok(Err(_)) => {
-                    let mut flights = lock(&self.flights);
-                    if flights.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                        flights.remove(name);
-                    }
-                }
+                Ok(Err(_)) => self.forget_flight(name, &flight),
             }
         };
         let result = tokio::time::timeout_at(deadline, self.query_dns(name))
@@ -458,14 +453,17 @@ impl Resolver {
             .unwrap_or_else(|_| Err(timed_out()));
         // Out of the map before the answer is out: whoever the answer
         // wakes and cannot use then finds no query in flight and asks.
-        {
-            let mut flights = lock(&self.flights);
-            if flights.get(name).is_some_and(|f| Arc::ptr_eq(f, &flight)) {
-                flights.remove(name);
-            }
-        }
+        self.forget_flight(name, &flight);
         tx.send_replace(Some(result.clone()));
         result
+    }
+
+    /// Removes `flight` from the map, unless a newer one has taken its place.
+    fn forget_flight(&self, name: &str, flight: &Arc<Flight>) {
+        let mut flights = lock(&self.flights);
+        if flights.get(name).is_some_and(|f| Arc::ptr_eq(f, flight)) {
+            flights.remove(name);
+        }
     }
 
     async fn query_dns(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {

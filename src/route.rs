@@ -242,15 +242,17 @@ pub async fn serve(
     shared: Shared,
     mut client: TcpStream,
     peer: ClientAddr,
-    arrived: std::time::Instant,
+    arrived: Instant,
 ) {
-    let started = Instant::now();
+    // Timed from the accept: the connection's time in the run queue is
+    // part of what its client waits.
+    let started = arrived;
     // TCP_NODELAY comes from the listener (listener::bind).
     let cfg = &route.cfg;
     let st = &route.state;
     let _active = Active::new(st);
 
-    let answer = match route.resolve(&shared.resolver, arrived).await {
+    let answer = match route.resolve(&shared.resolver, arrived.into_std()).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(
