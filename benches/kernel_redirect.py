@@ -26,7 +26,6 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -62,7 +61,8 @@ def insn(code, dst=0, src=0, off=0, imm=0):
 
 def load_redirect():
     """A sockhash keyed by socket cookie, holding each socket's peer, and the
-    verdict program: look up the receiving socket's cookie, redirect there."""
+    verdict program: look up the receiving socket's cookie, redirect there.
+    Returns the descriptors of both; the map's is the one to update."""
     map_fd = bpf(BPF_MAP_CREATE, struct.pack("IIIII", MAP_SOCKHASH, 8, 8, 65536, 0))
     prog = b"".join([
         insn(0xBF, 6, 1),                              # r6 = skb
@@ -86,12 +86,12 @@ def load_redirect():
     except OSError as e:
         raise OSError(e.errno, f"{e.strerror}: {log.value.decode(errors='replace')}") from e
     bpf(BPF_PROG_ATTACH, struct.pack("IIII", map_fd, prog_fd, ATTACH_SK_SKB_VERDICT, 0))
-    return map_fd
+    return map_fd, prog_fd
 
 
 def relay(listen_port, up_port):
     """The relay process: accept, connect, pair the sockets in the map."""
-    map_fd = load_redirect()
+    map_fd, _prog_fd = load_redirect()
     lock = threading.Lock()
     key, val = ctypes.create_string_buffer(8), ctypes.create_string_buffer(8)
 
@@ -168,7 +168,8 @@ def main():
     if os.uname().machine != "x86_64":
         sys.exit(f"the bpf system call number here is x86_64's; this is {os.uname().machine}")
     try:
-        os.close(load_redirect())
+        for fd in load_redirect():
+            os.close(fd)
     except OSError as e:
         sys.exit(f"cannot load the sockmap program (needs root and a kernel with sockmap): {e}")
     bench.OUT.mkdir(parents=True, exist_ok=True)
@@ -191,7 +192,7 @@ def main():
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
-    med = {m: {k: statistics.median(v) for k, v in r.items() if v} for m, r in res.items()}
+    med = {m: {k: bench.median(v) for k, v in r.items()} for m, r in res.items()}
     (bench.OUT / "kernel_redirect.json").write_text(json.dumps({"raw": res, "median": med}, indent=2))
     ha = med["haproxy"]
     print(f"\n{bench.RUNS} runs of {bench.SECONDS} s, medians; ratio to HAProxy in brackets\n")
