@@ -360,17 +360,33 @@ def unit_seconds(v):
     return x * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[u]
 
 
-def wrk(tag, port, close):
+def cpu_ticks(pid):
+    """User plus system clock ticks of a process, its ended threads included."""
+    if pid is None:
+        return None
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def wrk(tag, port, close, pid=None):
+    """wrk's figures, and the CPU time `pid` spent per request meanwhile:
+    what a proxy costs the host for each request it relays."""
+    before = cpu_ticks(pid)
     args = ["wrk", "-t1", "-c32", f"-d{SECONDS}s", "--latency"]
     if close:
         args += ["-H", "Connection: close"]
     args.append(f"http://127.0.0.1:{port}/64")
     out = run_cmd(tag, args, SECONDS + 30)
+    after = cpu_ticks(pid)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    count = int(re.search(r"(\d+) requests in", out).group(1))
+    cpu_us = None
+    if pid is not None and count:
+        cpu_us = (after - before) / os.sysconf("SC_CLK_TCK") * 1e6 / count
     errors = re.search(r"Socket errors: (.*)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = {p: unit_seconds(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M)}
-    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"),
+    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"), "cpu_us": cpu_us,
             "errors": (errors.group(1) if errors else "") + (f" non2xx={non2xx.group(1)}" if non2xx else "")}
 
 
@@ -464,12 +480,14 @@ def main():
                         rec(mode, "gbps", iperf(f"{tag}-iperf", ports["iperf"]))
                     except (RuntimeError, KeyError, subprocess.TimeoutExpired) as e:
                         print(f"  iperf3 failed, run not counted: {e}", flush=True)
-                    ka = wrk(f"{tag}-keepalive", ports["http"], close=False)
+                    ka = wrk(f"{tag}-keepalive", ports["http"], close=False, pid=pid)
                     rec(mode, "ka_rps", ka["rps"])
                     rec(mode, "ka_p50", ka["p50"])
                     rec(mode, "ka_p99", ka["p99"])
-                    nc = wrk(f"{tag}-newconn", ports["http"], close=True)
+                    rec(mode, "ka_cpu_us", ka["cpu_us"])
+                    nc = wrk(f"{tag}-newconn", ports["http"], close=True, pid=pid)
                     rec(mode, "nc_rps", nc["rps"])
+                    rec(mode, "nc_cpu_us", nc["cpu_us"])
                     if ka["errors"].strip() or nc["errors"].strip():
                         print(f"  wrk errors: keepalive {ka['errors']!r} newconn {nc['errors']!r}", flush=True)
                     rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
@@ -499,6 +517,8 @@ ROWS = [
     ("ka_p50", "keep-alive p50 latency (µs)", "{:,.0f}", False),
     ("ka_p99", "keep-alive p99 latency (µs)", "{:,.0f}", False),
     ("nc_rps", "new connections/s (Connection: close)", "{:,.0f}", True),
+    ("ka_cpu_us", "proxy CPU per keep-alive request (µs)", "{:.1f}", False),
+    ("nc_cpu_us", "proxy CPU per new connection (µs)", "{:.1f}", False),
     ("idle_kib", f"memory per idle connection (KiB, {IDLE} held)", "{:.2f}", False),
     ("refused_first_ms", "first address refuses: first connection (ms)", "{:.2f}", False),
     ("refused_later_ms", "first address refuses: later connections (ms)", "{:.2f}", False),

@@ -10,8 +10,10 @@ use std::pin::Pin;
 use std::task::Poll;
 use std::time::Duration;
 
-use socket2::{SockRef, TcpKeepalive};
-use tokio::net::{TcpSocket, TcpStream};
+use rustix::io::Errno;
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::io::Interest;
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 /// Keepalive on upstream sockets, so a server that vanishes (power loss,
@@ -110,19 +112,40 @@ pub fn classify(e: &io::Error) -> AttemptResult {
 /// One TCP connect bounded by `timeout`, with TCP_NODELAY set on the socket
 /// before the handshake. Keepalive comes later (`arm_keepalive`).
 pub async fn connect_one(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_nodelay(true)?;
-    match tokio::time::timeout(timeout, socket.connect(addr)).await {
+    match tokio::time::timeout(timeout, connect_nodelay(addr)).await {
         Ok(r) => r,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("no answer from {addr} within {timeout:?}"),
         )),
     }
+}
+
+/// A non-blocking connect that asks the socket for its error only when
+/// readiness reports one. tokio's `TcpSocket::connect` always does
+/// (`getsockopt(SO_ERROR)`): one system call per connection that a
+/// successful handshake does not need, since epoll reports EPOLLOUT without
+/// EPOLLERR only once the socket is established.
+async fn connect_nodelay(addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::TCP),
+    )?;
+    socket.set_tcp_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(Errno::INPROGRESS.raw_os_error()) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(Interest::WRITABLE | Interest::ERROR).await?;
+    if (ready.is_error() || ready.is_write_closed())
+        && let Some(e) = stream.take_error()?
+    {
+        return Err(e);
+    }
+    Ok(stream)
 }
 
 /// Keepalive and TCP_USER_TIMEOUT on an upstream socket.
