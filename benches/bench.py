@@ -313,6 +313,10 @@ relay = "{self.relay}"
         self.proc = procs.start(self.name, [str(BIN), "run", "--config", str(cfg)])
         for svc in ("http", "hold"):
             wait_port(self.ports[svc])
+        # One request through, as HAProxy's start makes: the failover rows'
+        # "first connection" then times a route's first failover, not a
+        # process waking from idle (about 0.5 ms here for either proxy).
+        wait_http(self.ports["http"])
         return self.proc.pid, self.ports
 
     def stop(self, procs):

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 /// partition) is noticed within about 25 s even on an idle connection.
 ///
 /// Set only once a relayed connection has lived `KEEPALIVE_ARM_AFTER`:
-/// these are four system calls, on top of the about twenty a short
+/// these are four system calls, on top of the eighteen or so a short
 /// connection costs (strace under load), and one that ends sooner never
 /// needs them. The first probe then comes at most this much later.
 pub const KEEPALIVE_ARM_AFTER: Duration = Duration::from_secs(1);
