@@ -282,3 +282,42 @@ async fn a_silent_upstream_connection_gets_keepalive() {
     // First probe within the 10 s keepalive time (clock ticks of 1/100 s).
     assert!(ticks <= 1000, "keepalive due in {ticks} ticks");
 }
+
+/// Segments the client socket connected to `remote` has received, from
+/// `ss -ti` (iproute2): the kernel's count, which no timing can blur.
+fn segments_received_from(remote: SocketAddr) -> u64 {
+    let out = std::process::Command::new("ss")
+        .args(["-tinH", "dst", &remote.to_string()])
+        .output()
+        .expect("ss, from iproute2, is installed (.ci/run installs it)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix("segs_in:"))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no segs_in for the socket to {remote} in: {text}"))
+}
+
+#[tokio::test]
+async fn a_reply_and_the_servers_fin_reach_the_client_in_one_segment() {
+    let (addr, mut accepted) = raw_backend(ip(56)).await;
+    let proxy = proxy_to(addr, "");
+    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let server = within("backend accept", accepted.recv()).await.unwrap();
+    // The server answers and closes, its reply and FIN in one segment (as
+    // from a server whose close follows its last write closely): the proxy
+    // sees both at once.
+    let server = server.into_std().unwrap();
+    socket2::SockRef::from(&server).set_tcp_cork(true).unwrap();
+    io::Write::write_all(&mut &server, b"reply, then close").unwrap();
+    server.shutdown(std::net::Shutdown::Write).unwrap();
+
+    let mut got = Vec::new();
+    within("reply and FIN", client.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"reply, then close");
+    // The SYN-ACK, then the reply with the FIN: a reply sent on its own and
+    // a separate FIN would be three segments, and the client would send one
+    // ACK more.
+    assert_eq!(segments_received_from(proxy.addr()), 2);
+}
