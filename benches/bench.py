@@ -38,8 +38,12 @@ ATTEMPT_DELAY_MS = 250
 BODY = "x" * 63 + "\n"  # a 64-byte response body
 
 LIVE = "127.0.0.1"
-REFUSING = "127.0.0.2"  # nothing listens on this address
-HOLE = "127.0.0.3"  # a listener whose accept queue is full: SYNs are dropped
+# The first address of each failover alias answers until the failover row
+# kills it: then nothing listens on REFUSING, and HOLE's accept queue is
+# full, so its SYNs are dropped.
+REFUSING = "127.0.0.2"
+HOLE = "127.0.0.3"
+FIRST = {"refused": REFUSING, "hole": HOLE}
 
 
 def free_port(host="127.0.0.1", kind=socket.SOCK_STREAM):
@@ -157,14 +161,35 @@ http {{
             f"{REFUSING} refused.test\n{LIVE} refused.test\n"
             f"{HOLE} hole.test\n{LIVE} hole.test\n"
         )
-        # Black hole: backlog 0 and one connection parked in the queue.
-        self.hole = socket.socket()
-        self.hole.bind((HOLE, self.http_port))
-        self.hole.listen(0)
-        self.filler = socket.create_connection((HOLE, self.http_port))
+        self.first = {}
         for port in (self.http_port, self.hold_port):
             wait_port(port)
         time.sleep(0.3)  # iperf3 -s has no readiness signal; a probe would occupy it
+
+    def first_answers(self, svc):
+        """The first address of `svc`'s alias accepts connections (health
+        checks only: no request is sent through it)."""
+        for s in self.first.pop(svc, []):
+            s.close()
+        self.first[svc] = [socket.create_server((FIRST[svc], self.http_port), backlog=128)]
+
+    def first_dies(self, svc):
+        """The first address of `svc`'s alias stops answering: it refuses,
+        or (hole) it becomes a listener with backlog 0 and one connection
+        parked in its queue, which drops every SYN."""
+        for s in self.first.pop(svc, []):
+            s.close()
+        if svc == "hole":
+            hole = socket.socket()
+            hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            hole.bind((HOLE, self.http_port))
+            hole.listen(0)
+            self.first[svc] = [hole, socket.create_connection((HOLE, self.http_port))]
+
+    def close(self):
+        for svc in list(self.first):
+            for s in self.first.pop(svc):
+                s.close()
 
     def wait_dns(self):
         """True once dnsmasq answers; False if it exited or stayed silent."""
@@ -229,8 +254,8 @@ backend b_{svc}
   option redispatch
   retries 1
   timeout connect {timeout_connect}
-  server s1 {bad}:{env.http_port} check inter 1s fall 1 rise 1
-  server s2 {LIVE}:{env.http_port} check inter 1s fall 1 rise 1
+  server s1 {bad}:{env.http_port} check inter 1s fall 1 rise 1 observe layer4 error-limit 1 on-error mark-down
+  server s2 {LIVE}:{env.http_port} check inter 1s fall 1 rise 1 observe layer4 error-limit 1 on-error mark-down
 """
         cfg.write_text(f"""
 global
@@ -438,14 +463,18 @@ def connect_time(port):
 
 
 def failover(mode, env, procs, svc):
-    """First-connection and median later-connection times with a broken
-    first address, on a freshly started proxy."""
+    """First-connection and median later-connection times after the first
+    address of `svc`'s alias dies under a running, warmed-up proxy: what a
+    client sees when a server fails, before any health check has run since
+    (HAProxy starts its servers up and checks them each second)."""
     if isinstance(mode, Direct):
         first = connect_time(env.http_port)
         later = statistics.median(connect_time(env.http_port) for _ in range(20))
         return first, later
+    env.first_answers(svc)
     pid, ports = mode.start(env, procs)
     try:
+        env.first_dies(svc)
         first = connect_time(ports[svc])
         later = statistics.median(connect_time(ports[svc]) for _ in range(20))
         return first, later
@@ -471,6 +500,7 @@ def main():
     def rec(mode, key, value):
         results[mode.name].setdefault(key, []).append(value)
 
+    env = None
     try:
         env = Env(procs, tmp)
         for run in range(RUNS):
@@ -504,6 +534,8 @@ def main():
                         rec(mode, f"{svc}_later_ms", later * 1000)
     finally:
         procs.stop_all()
+        if env is not None:
+            env.close()
         shutil.rmtree(tmp, ignore_errors=True)
 
     med = {m: {k: median(v) for k, v in r.items()} for m, r in results.items()}
@@ -531,6 +563,15 @@ ROWS = [
 ]
 
 
+def ratio(v, base):
+    """`v / base` to two decimals, or to two significant digits when it is
+    below 0.01 (a failover hundreds of times faster must not show as 0)."""
+    if not base:
+        return "–"
+    x = v / base
+    return f"{x:.2g}×" if x < 0.01 else f"{x:,.2f}×"
+
+
 def render(med):
     cols = list(med)
     lines = [
@@ -552,9 +593,7 @@ def render(med):
             cell = fmt.format(shown)
             if c not in ("direct", "haproxy"):
                 d, h = med["direct"].get(key), med["haproxy"].get(key)
-                r = []
-                r.append(f"{v / d:.2f}×" if d else "–")
-                r.append(f"{v / h:.2f}×" if h else "–")
+                r = [ratio(v, d), ratio(v, h)]
                 cell += f" ({' / '.join(r)})"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
