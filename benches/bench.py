@@ -169,16 +169,14 @@ http {{
     def first_answers(self, svc):
         """The first address of `svc`'s alias accepts connections (health
         checks only: no request is sent through it)."""
-        for s in self.first.pop(svc, []):
-            s.close()
+        self.close(svc)
         self.first[svc] = [socket.create_server((FIRST[svc], self.http_port), backlog=128)]
 
     def first_dies(self, svc):
         """The first address of `svc`'s alias stops answering: it refuses,
         or (hole) it becomes a listener with backlog 0 and one connection
         parked in its queue, which drops every SYN."""
-        for s in self.first.pop(svc, []):
-            s.close()
+        self.close(svc)
         if svc == "hole":
             hole = socket.socket()
             hole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -186,9 +184,11 @@ http {{
             hole.listen(0)
             self.first[svc] = [hole, socket.create_connection((HOLE, self.http_port))]
 
-    def close(self):
-        for svc in list(self.first):
-            for s in self.first.pop(svc):
+    def close(self, svc=None):
+        """Closes the sockets standing for `svc`'s first address, or for
+        every alias's."""
+        for k in [svc] if svc else list(self.first):
+            for s in self.first.pop(k, []):
                 s.close()
 
     def wait_dns(self):

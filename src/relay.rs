@@ -323,42 +323,35 @@ async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Re
                         break;
                     }
                     Ok(Some(0)) => return pass_fin(pass_eof(dst, other_finished).await),
-                    Ok(Some(n))
-                        if n < buf.len()
-                            && !other_finished.load(Ordering::Relaxed)
-                            && ready_again(src).await =>
-                    {
+                    Ok(Some(n)) => {
+                        let mut len = n;
                         // Drained, and the socket is ready again at once:
                         // most often the peer's FIN came with these bytes
                         // (a server that answers and closes). Then the bytes
                         // and the FIN go on in one segment.
-                        match read_now(src, &mut buf[n..]).await {
-                            Ok(Some(0)) => {
-                                write_all_more(dst, &buf[..n]).await.map_err(on_dst)?;
-                                moved(n);
-                                return pass_fin(pass_eof(dst, other_finished).await);
-                            }
-                            Ok(Some(m)) => {
-                                dst.write_all(&buf[..n + m]).await.map_err(on_dst)?;
-                                moved(n + m);
-                            }
-                            Ok(None) => {
-                                dst.write_all(&buf[..n]).await.map_err(on_dst)?;
-                                moved(n);
-                                break;
-                            }
-                            Err(e) => {
-                                // What was read still goes on before the
-                                // error ends the connection.
-                                let _ = dst.write_all(&buf[..n]).await;
-                                return Err(on_src(e));
+                        if n < buf.len()
+                            && !other_finished.load(Ordering::Relaxed)
+                            && ready_again(src).await
+                        {
+                            match read_now(src, &mut buf[n..]).await {
+                                Ok(Some(0)) => {
+                                    write_all_more(dst, &buf[..n]).await.map_err(on_dst)?;
+                                    moved(n);
+                                    return pass_fin(pass_eof(dst, other_finished).await);
+                                }
+                                Ok(Some(m)) => len += m,
+                                Ok(None) => {}
+                                Err(e) => {
+                                    // What was read still goes on before the
+                                    // error ends the connection.
+                                    let _ = dst.write_all(&buf[..n]).await;
+                                    return Err(on_src(e));
+                                }
                             }
                         }
-                    }
-                    Ok(Some(n)) => {
-                        dst.write_all(&buf[..n]).await.map_err(on_dst)?;
-                        moved(n);
-                        if n < buf.len() {
+                        dst.write_all(&buf[..len]).await.map_err(on_dst)?;
+                        moved(len);
+                        if len < buf.len() {
                             // Drained (tokio cleared the readiness): give the
                             // buffer back before waiting again.
                             break;

@@ -37,6 +37,16 @@ async fn raw_backend(at: std::net::IpAddr) -> (SocketAddr, mpsc::UnboundedReceiv
     (addr, rx)
 }
 
+/// A proxy to a fresh raw backend at `at`, and the two ends of one
+/// connection through it: the client's and the server's.
+async fn relayed(at: std::net::IpAddr, extra: &str) -> (Proxy, TcpStream, TcpStream) {
+    let (addr, mut accepted) = raw_backend(at).await;
+    let proxy = proxy_to(addr, extra);
+    let client = TcpStream::connect(proxy.addr()).await.unwrap();
+    let server = within("backend accept", accepted.recv()).await.unwrap();
+    (proxy, client, server)
+}
+
 #[tokio::test]
 async fn half_close_client_still_gets_the_reply() {
     let (addr, mut accepted) = raw_backend(ip(41)).await;
@@ -69,10 +79,7 @@ async fn half_close_client_still_gets_the_reply() {
 
 #[tokio::test]
 async fn server_half_close_keeps_client_direction_open() {
-    let (addr, mut accepted) = raw_backend(ip(42)).await;
-    let proxy = proxy_to(addr, "");
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    let (_proxy, mut client, mut server) = relayed(ip(42), "").await;
     server.write_all(b"banner").await.unwrap();
     server.shutdown().await.unwrap();
     let mut got = Vec::new();
@@ -91,10 +98,7 @@ async fn server_half_close_keeps_client_direction_open() {
 
 #[tokio::test]
 async fn server_reset_resets_the_client() {
-    let (addr, mut accepted) = raw_backend(ip(43)).await;
-    let proxy = proxy_to(addr, "");
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    let server = within("backend accept", accepted.recv()).await.unwrap();
+    let (_proxy, mut client, server) = relayed(ip(43), "").await;
     server.set_zero_linger().unwrap();
     drop(server);
     let mut buf = [0u8; 16];
@@ -108,10 +112,7 @@ async fn server_reset_resets_the_client() {
 
 #[tokio::test]
 async fn client_reset_resets_the_server() {
-    let (addr, mut accepted) = raw_backend(ip(44)).await;
-    let proxy = proxy_to(addr, "");
-    let client = TcpStream::connect(proxy.addr()).await.unwrap();
-    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    let (_proxy, client, mut server) = relayed(ip(44), "").await;
     client.set_zero_linger().unwrap();
     drop(client);
     let mut buf = [0u8; 16];
@@ -121,10 +122,7 @@ async fn client_reset_resets_the_server() {
 
 #[tokio::test]
 async fn idle_connection_is_closed_with_fin_after_idle_timeout() {
-    let (addr, mut accepted) = raw_backend(ip(45)).await;
-    let proxy = proxy_to(addr, "idle_timeout = \"300ms\"");
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    let mut server = within("backend accept", accepted.recv()).await.unwrap();
+    let (_proxy, mut client, mut server) = relayed(ip(45), "idle_timeout = \"300ms\"").await;
     let opened = Instant::now();
     // Traffic keeps it open.
     client.write_all(b"ping").await.unwrap();
@@ -266,12 +264,10 @@ fn tcp_timer(local: SocketAddr, remote: SocketAddr) -> Option<(u32, u64)> {
 
 #[tokio::test]
 async fn a_silent_upstream_connection_gets_keepalive() {
-    let (addr, mut accepted) = raw_backend(ip(49)).await;
-    let proxy = proxy_to(addr, "");
-    let _client = TcpStream::connect(proxy.addr()).await.unwrap();
-    let server = within("backend accept", accepted.recv()).await.unwrap();
+    let (_proxy, _client, server) = relayed(ip(49), "").await;
     // The proxy's end of the upstream connection, seen from the server.
     let upstream_local = server.peer_addr().unwrap();
+    let addr = server.local_addr().unwrap();
     // Nothing is sent either way: keepalive is what would notice a server
     // that vanished. It is set once the connection has lived a moment.
     eventually("keepalive timer on the upstream socket", || async {
@@ -299,10 +295,7 @@ fn segments_received_from(remote: SocketAddr) -> u64 {
 
 #[tokio::test]
 async fn a_reply_and_the_servers_fin_reach_the_client_in_one_segment() {
-    let (addr, mut accepted) = raw_backend(ip(56)).await;
-    let proxy = proxy_to(addr, "");
-    let mut client = TcpStream::connect(proxy.addr()).await.unwrap();
-    let server = within("backend accept", accepted.recv()).await.unwrap();
+    let (proxy, mut client, server) = relayed(ip(56), "").await;
     // The server answers and closes, its reply and FIN in one segment (as
     // from a server whose close follows its last write closely): the proxy
     // sees both at once.
