@@ -136,41 +136,41 @@ async fn both_ways(
     let last = AtomicU64::new(0);
     let up_finished = AtomicBool::new(false);
     let down_finished = AtomicBool::new(false);
-    let up = pump(
-        client_r,
-        upstream_w,
-        Dir {
-            src_side: Side::Client,
-            count: &counts.to_upstream,
-            last: &last,
-            other_finished: &down_finished,
-            started,
-            arm_keepalive_at: None,
-            mode,
-        },
-    );
-    let down = pump(
-        upstream_r,
-        client_w,
-        Dir {
-            src_side: Side::Upstream,
-            count: &counts.to_client,
-            last: &last,
-            other_finished: &up_finished,
-            started,
-            arm_keepalive_at: Some(started + KEEPALIVE_ARM_AFTER),
-            mode,
-        },
-    );
-    tokio::pin!(up, down);
-    let idle_sleep = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
-    tokio::pin!(idle_sleep);
+    let keepalive_due = AtomicBool::new(false);
+    let up_dir = Dir {
+        src_side: Side::Client,
+        count: &counts.to_upstream,
+        last: &last,
+        other_finished: &down_finished,
+        started,
+        keepalive_due: None,
+        mode,
+    };
+    let down_dir = Dir {
+        src_side: Side::Upstream,
+        count: &counts.to_client,
+        last: &last,
+        other_finished: &up_finished,
+        started,
+        keepalive_due: Some(&keepalive_due),
+        mode,
+    };
+    let mut up = std::pin::pin!(pump(client_r, upstream_w, &up_dir));
+    let mut down = std::pin::pin!(pump(upstream_r, client_w, &down_dir));
+    // One timer per connection, for both of its deadlines: arming keepalive
+    // on the upstream socket and the idle check. A timer in each direction
+    // would make every connection's task 112 bytes larger per timer.
+    let keepalive_at = started + KEEPALIVE_ARM_AFTER;
+    let mut keepalive_pending = true;
+    let first = idle.map_or(keepalive_at, |i| keepalive_at.min(started + i));
+    let mut timer = std::pin::pin!(tokio::time::sleep_until(first));
+    let mut timer_set = true;
 
     loop {
         enum Ev {
             Up(Result<(), DirError>),
             Down(Result<(), DirError>),
-            IdleCheck,
+            Timer,
         }
         let ev = poll_fn(|cx| {
             if !up_finished.load(Ordering::Relaxed)
@@ -183,8 +183,8 @@ async fn both_ways(
             {
                 return Poll::Ready(Ev::Down(r));
             }
-            if idle.is_some() && idle_sleep.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ev::IdleCheck);
+            if timer_set && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ev::Timer);
             }
             Poll::Pending
         })
@@ -198,14 +198,27 @@ async fn both_ways(
                 r?;
                 down_finished.store(true, Ordering::Relaxed);
             }
-            Ev::IdleCheck => {
-                let Some(idle) = idle else { continue };
-                let last_ms = last.load(Ordering::Relaxed);
-                let deadline = started + Duration::from_millis(last_ms) + idle;
-                if Instant::now() >= deadline {
+            Ev::Timer => {
+                let now = Instant::now();
+                if keepalive_pending && now >= keepalive_at {
+                    keepalive_pending = false;
+                    // The upstream direction arms it when next polled,
+                    // which the next turn of this loop does.
+                    keepalive_due.store(true, Ordering::Relaxed);
+                }
+                let idle_deadline =
+                    idle.map(|i| started + Duration::from_millis(last.load(Ordering::Relaxed)) + i);
+                if idle_deadline.is_some_and(|d| now >= d) {
                     return Ok(End::Idle);
                 }
-                idle_sleep.as_mut().reset(deadline);
+                let next = match (keepalive_pending.then_some(keepalive_at), idle_deadline) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                match next {
+                    Some(t) => timer.as_mut().reset(t),
+                    None => timer_set = false,
+                }
             }
         }
         if up_finished.load(Ordering::Relaxed) && down_finished.load(Ordering::Relaxed) {
@@ -241,29 +254,28 @@ struct Dir<'a> {
     /// write shutdown, since the close that follows sends it.
     other_finished: &'a AtomicBool,
     started: Instant,
-    /// When to set keepalive on `src` (the upstream socket), if it is
-    /// still open then.
-    arm_keepalive_at: Option<Instant>,
+    /// Set when keepalive is due on `src` (the upstream socket); `None` for
+    /// the client direction.
+    keepalive_due: Option<&'a AtomicBool>,
     mode: Mode,
 }
 
 /// One direction: `src` to `dst`, passing a FIN on as a write shutdown.
-async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Result<(), DirError> {
-    let Dir {
-        src_side,
-        count,
-        last,
-        other_finished,
-        started,
-        arm_keepalive_at,
-        mode,
-    } = d;
-    let dst_side = match src_side {
+///
+/// `d` is borrowed, not moved in, and everything that only a burst of data
+/// needs lives in a shorter future: this future waits for as long as the
+/// connection lives, so its size is what an idle connection costs.
+async fn pump(
+    src: &mut ReadHalf<'_>,
+    dst: &mut WriteHalf<'_>,
+    d: &Dir<'_>,
+) -> Result<(), DirError> {
+    let dst_side = match d.src_side {
         Side::Client => Side::Upstream,
         Side::Upstream => Side::Client,
     };
     let on_src = |error| DirError {
-        side: src_side,
+        side: d.src_side,
         error,
     };
     let on_dst = |error| DirError {
@@ -271,9 +283,9 @@ async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Re
         error,
     };
     let moved = |n: usize| {
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        let ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        last.store(ms, Ordering::Relaxed);
+        d.count.fetch_add(n as u64, Ordering::Relaxed);
+        let ms = u64::try_from(d.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        d.last.store(ms, Ordering::Relaxed);
     };
     let pass_fin = |r: io::Result<()>| match r {
         Ok(()) => Ok(()),
@@ -281,30 +293,24 @@ async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Re
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
         Err(e) => Err(on_dst(e)),
     };
-    // Not registered with the timer until first polled: the client
-    // direction, which has no deadline, never is.
-    let arm = tokio::time::sleep_until(arm_keepalive_at.unwrap_or(started));
-    tokio::pin!(arm);
-    let mut armed = arm_keepalive_at.is_none();
+    let mode = d.mode;
+    let other_finished = d.other_finished;
+    let mut armed = false;
     loop {
         // Wait with no buffer or pipe: an idle connection holds none.
-        if armed {
-            src.as_ref().readable().await.map_err(on_src)?;
-        } else {
-            // The deadline first, so a server that keeps the socket
-            // readable still gets its keepalive.
-            tokio::select! {
-                biased;
-                () = arm.as_mut() => {
-                    armed = true;
-                    if let Err(e) = arm_keepalive(src.as_ref()) {
-                        tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
-                    }
-                    continue;
+        // Keepalive is checked on every wait, so a server that keeps the
+        // socket readable still gets it once it is due.
+        poll_fn(|cx| {
+            if !armed && d.keepalive_due.is_some_and(|k| k.load(Ordering::Relaxed)) {
+                armed = true;
+                if let Err(e) = arm_keepalive(src.as_ref()) {
+                    tracing::debug!(error = %e, "cannot set keepalive on the upstream socket");
                 }
-                r = src.as_ref().readable() => r.map_err(on_src)?,
             }
-        }
+            src.as_ref().poll_read_ready(cx)
+        })
+        .await
+        .map_err(on_src)?;
         // Every burst starts with a copy through a pooled buffer: for the
         // small messages of request/response traffic that is one recv and
         // one send. Only a burst that fills the buffer is bulk, and moves
@@ -369,7 +375,16 @@ async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Re
         // A pipe that cannot be had (descriptors exhausted) leaves the rest
         // of the burst to the copy path above.
         if bulk && let Ok(pipe) = splice::Pipe::take() {
-            match splice::splice_burst(src.as_ref(), dst.as_ref(), &pipe, moved).await {
+            // Boxed: a bulk burst is rare and long, and its state would
+            // otherwise be in every connection's task for all its life.
+            match Box::pin(splice::splice_burst(
+                src.as_ref(),
+                dst.as_ref(),
+                &pipe,
+                moved,
+            ))
+            .await
+            {
                 Ok(Some(())) => pipe.give_back(),
                 Ok(None) => {
                     pipe.give_back();
@@ -381,6 +396,15 @@ async fn pump(src: &mut ReadHalf<'_>, dst: &mut WriteHalf<'_>, d: Dir<'_>) -> Re
             }
         }
     }
+}
+
+/// Waits until `sock` is writable. Unlike `TcpStream::writable`, whose
+/// future carries its own 152-byte waiter, this keeps the waker in the
+/// socket's own slot: each wait is part of the connection's task, and an
+/// idle connection's memory is that task. Only this connection's task waits
+/// on its sockets, so one slot per direction is enough.
+pub(crate) async fn write_ready(sock: &TcpStream) -> io::Result<()> {
+    poll_fn(|cx| sock.poll_write_ready(cx)).await
 }
 
 /// Whether `src` is ready again right after a read that drained it. tokio
@@ -398,7 +422,7 @@ async fn ready_again(src: &ReadHalf<'_>) -> bool {
 async fn write_all_more(dst: &WriteHalf<'_>, mut data: &[u8]) -> io::Result<()> {
     let sock = dst.as_ref();
     while !data.is_empty() {
-        sock.writable().await?;
+        write_ready(sock).await?;
         match sock.try_io(Interest::WRITABLE, || {
             send(sock, data, SendFlags::MORE | SendFlags::NOSIGNAL).map_err(io::Error::from)
         }) {

@@ -324,7 +324,10 @@ impl Resolver {
             };
         }
 
-        let result = self.query_shared(name, arrived).await;
+        // Boxed: the DNS query's state is over a kilobyte, and unboxed it
+        // would be part of every connection's task for the connection's
+        // whole life, hosts-file answers and idle connections included.
+        let result = Box::pin(self.query_shared(name, arrived)).await;
         let elapsed = started.elapsed();
         match result {
             Ok(addrs) => {

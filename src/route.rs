@@ -237,22 +237,79 @@ impl Drop for Active<'_> {
 
 /// Serves one client connection to its end. Errors here are logged and
 /// never bubble up: one connection cannot affect the accept loop.
-pub async fn serve(
+///
+/// This future is the connection's task, and for an idle connection it is
+/// nearly all the memory the connection holds. So it is an `async move`
+/// block (an `async fn` keeps a second copy of its arguments), and
+/// resolving and connecting run in a future of their own, whose state
+/// shares room with the relay's instead of adding to it.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its state"
+)]
+pub fn serve(
     route: Arc<Route>,
     shared: Shared,
     mut client: TcpStream,
     peer: ClientAddr,
     arrived: Instant,
-) {
-    // Timed from the accept: the connection's time in the run queue is
-    // part of what its client waits.
-    let started = arrived;
-    // TCP_NODELAY comes from the listener (listener::bind).
+) -> impl Future<Output = ()> + Send {
+    async move {
+        // Timed from the accept: the connection's time in the run queue is
+        // part of what its client waits.
+        let started = arrived;
+        let _active = Active::new(&route.state);
+        let Some((mut upstream, addr, attempts)) =
+            resolve_and_connect(&route, &shared, peer, started).await
+        else {
+            reset(client);
+            return;
+        };
+        // TCP_NODELAY comes from the listener (listener::bind).
+        let cfg = &route.cfg;
+        let st = &route.state;
+        let counts = Counts::default();
+        let (end, error) = relay(
+            &mut client,
+            &mut upstream,
+            cfg.idle_timeout,
+            &counts,
+            shared.relay,
+        )
+        .await;
+        if let Some(e) = error {
+            tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
+        }
+        st.metrics
+            .bytes_to_upstream
+            .increment(counts.to_upstream.load(Ordering::Relaxed));
+        st.metrics
+            .bytes_to_client
+            .increment(counts.to_client.load(Ordering::Relaxed));
+        log_end(
+            &route,
+            peer,
+            Some(addr),
+            &attempts,
+            &counts,
+            started,
+            Outcome::Relayed(end),
+        );
+    }
+}
+
+/// Resolves the route's alias and connects to the first address that
+/// answers. `None` when the connection cannot be served: that is logged
+/// and counted here, and the caller resets the client.
+async fn resolve_and_connect(
+    route: &Route,
+    shared: &Shared,
+    peer: ClientAddr,
+    started: Instant,
+) -> Option<(TcpStream, SocketAddr, Vec<Attempt>)> {
     let cfg = &route.cfg;
     let st = &route.state;
-    let _active = Active::new(st);
-
-    let answer = match route.resolve(&shared.resolver, arrived.into_std()).await {
+    let answer = match route.resolve(&shared.resolver, started.into_std()).await {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(
@@ -264,9 +321,8 @@ pub async fn serve(
                 "connection reset: alias did not resolve"
             );
             st.metrics.failed(FailReason::Resolve);
-            reset(client);
             log_end(
-                &route,
+                route,
                 peer,
                 None,
                 &[],
@@ -274,7 +330,7 @@ pub async fn serve(
                 started,
                 Outcome::ResolveFailed,
             );
-            return;
+            return None;
         }
     };
 
@@ -300,7 +356,7 @@ pub async fn serve(
         }
     }
 
-    let Some((mut upstream, addr)) = connected else {
+    let Some((upstream, addr)) = connected else {
         tracing::warn!(
             route = %cfg.name,
             client.addr = %peer.0,
@@ -308,9 +364,8 @@ pub async fn serve(
             "connection reset: no server reachable"
         );
         st.metrics.failed(FailReason::Connect);
-        reset(client);
         log_end(
-            &route,
+            route,
             peer,
             None,
             &attempts,
@@ -318,7 +373,7 @@ pub async fn serve(
             started,
             Outcome::NoUpstream,
         );
-        return;
+        return None;
     };
     st.metrics
         .connect_duration
@@ -334,34 +389,7 @@ pub async fn serve(
             "failover: served by other than the first address"
         );
     }
-
-    let counts = Counts::default();
-    let (end, error) = relay(
-        &mut client,
-        &mut upstream,
-        cfg.idle_timeout,
-        &counts,
-        shared.relay,
-    )
-    .await;
-    if let Some(e) = error {
-        tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
-    }
-    st.metrics
-        .bytes_to_upstream
-        .increment(counts.to_upstream.load(Ordering::Relaxed));
-    st.metrics
-        .bytes_to_client
-        .increment(counts.to_client.load(Ordering::Relaxed));
-    log_end(
-        &route,
-        peer,
-        Some(addr),
-        &attempts,
-        &counts,
-        started,
-        Outcome::Relayed(end),
-    );
+    Some((upstream, addr, attempts))
 }
 
 /// Closes with RST so the client sees a refused-like failure at once.

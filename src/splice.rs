@@ -99,7 +99,7 @@ pub async fn splice_burst(
             Err(e) => return Err(Failed::Src(e)),
         };
         while in_pipe > 0 {
-            dst.writable().await.map_err(Failed::Dst)?;
+            crate::relay::write_ready(dst).await.map_err(Failed::Dst)?;
             let sent = dst.try_io(Interest::WRITABLE, || {
                 splice(
                     pipe.r.as_fd(),

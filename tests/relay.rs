@@ -279,6 +279,59 @@ async fn a_silent_upstream_connection_gets_keepalive() {
     assert!(ticks <= 1000, "keepalive due in {ticks} ticks");
 }
 
+#[tokio::test]
+async fn a_connection_with_an_idle_timeout_gets_keepalive_before_it_ends() {
+    // One timer serves both deadlines: keepalive (due first here) must not
+    // be lost to the idle check, nor the idle check to keepalive.
+    let (_proxy, mut client, server) = relayed(ip(57), "idle_timeout = \"2s\"").await;
+    let opened = Instant::now();
+    let upstream_local = server.peer_addr().unwrap();
+    let addr = server.local_addr().unwrap();
+    // Kind 2 is only shown on an established socket: the connection is
+    // still open when keepalive is seen.
+    eventually("keepalive timer on the upstream socket", || async {
+        tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2)
+    })
+    .await;
+    let mut rest = Vec::new();
+    let n = within("idle close at the client", client.read_to_end(&mut rest))
+        .await
+        .expect("idle timeout ends with FIN, not a reset");
+    assert_eq!(n, 0);
+    assert!(
+        opened.elapsed() >= Duration::from_secs(2),
+        "closed before idle_timeout: {:?}",
+        opened.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn traffic_that_holds_off_the_idle_timeout_still_gets_keepalive() {
+    // The idle deadline (500 ms) comes before keepalive's and moves with
+    // every byte: keepalive must still be set once it is due.
+    let (_proxy, mut client, mut server) = relayed(ip(58), "idle_timeout = \"500ms\"").await;
+    let upstream_local = server.peer_addr().unwrap();
+    let addr = server.local_addr().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Paces the traffic, not a synchronisation: each ping is awaited.
+    let mut pace = tokio::time::interval(Duration::from_millis(150));
+    loop {
+        pace.tick().await;
+        client.write_all(b"p").await.unwrap();
+        let mut b = [0u8; 1];
+        within("ping", server.read_exact(&mut b))
+            .await
+            .expect("connection open while traffic flows");
+        if tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no keepalive while traffic held off the idle timeout"
+        );
+    }
+}
+
 /// Segments the client socket connected to `remote` has received, from
 /// `ss -ti` (iproute2): the kernel's count, which no timing can blur.
 fn segments_received_from(remote: SocketAddr) -> u64 {
