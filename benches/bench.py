@@ -64,12 +64,14 @@ def wait_port(port, host="127.0.0.1", timeout=10.0):
     raise RuntimeError(f"nothing listens on {host}:{port}")
 
 
-def rss_kib(pid):
+def rss_kib(pid, field="VmRSS"):
+    """A memory figure of `pid` from /proc: VmRSS (resident now) or VmHWM
+    (the most it has been resident)."""
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    raise RuntimeError(f"no {field} for {pid}")
 
 
 class Procs:
@@ -510,6 +512,8 @@ def main():
                 pid, ports = mode.start(env, procs)
                 try:
                     tag = f"{mode.name}-run{run + 1}"
+                    if pid is not None:
+                        rec(mode, "start_kib", rss_kib(pid))
                     try:
                         rec(mode, "gbps", iperf(f"{tag}-iperf", ports["iperf"]))
                     except (RuntimeError, KeyError, subprocess.TimeoutExpired) as e:
@@ -525,6 +529,8 @@ def main():
                     if ka["errors"].strip() or nc["errors"].strip():
                         print(f"  wrk errors: keepalive {ka['errors']!r} newconn {nc['errors']!r}", flush=True)
                     rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
+                    if pid is not None:
+                        rec(mode, "peak_kib", rss_kib(pid, "VmHWM"))
                 finally:
                     mode.stop(procs)
                 if not isinstance(mode, FailoverProxy) or mode.name == "fp-hosts":
@@ -556,6 +562,8 @@ ROWS = [
     ("ka_cpu_us", "proxy CPU per keep-alive request (µs)", "{:.1f}", False),
     ("nc_cpu_us", "proxy CPU per new connection (µs)", "{:.1f}", False),
     ("idle_kib", f"memory per idle connection (KiB, {IDLE} held)", "{:.2f}", False),
+    ("start_kib", "proxy memory at start (RSS, KiB)", "{:,.0f}", False),
+    ("peak_kib", "proxy peak memory over the run (VmHWM, KiB)", "{:,.0f}", False),
     ("refused_first_ms", "first address refuses: first connection (ms)", "{:.2f}", False),
     ("refused_later_ms", "first address refuses: later connections (ms)", "{:.2f}", False),
     ("hole_first_ms", "first address black-holed: first connection (ms)", "{:.2f}", False),
