@@ -324,10 +324,7 @@ impl Resolver {
             };
         }
 
-        // Boxed: the DNS query's state is over a kilobyte, and unboxed it
-        // would be part of every connection's task for the connection's
-        // whole life, hosts-file answers and idle connections included.
-        let result = Box::pin(self.query_shared(name, arrived)).await;
+        let result = self.query_shared(name, arrived).await;
         let elapsed = started.elapsed();
         match result {
             Ok(addrs) => {
@@ -451,7 +448,10 @@ impl Resolver {
                 Ok(Err(_)) => self.forget_flight(name, &flight),
             }
         };
-        let result = tokio::time::timeout_at(deadline, self.query_dns(name))
+        // Boxed: the query's state is over a kilobyte. Unboxed, it would be
+        // part of every connection's task for the connection's whole life,
+        // and of every connection waiting on this query meanwhile.
+        let result = tokio::time::timeout_at(deadline, Box::pin(self.query_dns(name)))
             .await
             .unwrap_or_else(|_| Err(timed_out()));
         // Out of the map before the answer is out: whoever the answer
