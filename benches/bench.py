@@ -533,6 +533,16 @@ def main():
                         rec(mode, "peak_kib", rss_kib(pid, "VmHWM"))
                 finally:
                     mode.stop(procs)
+                if not isinstance(mode, Direct):
+                    # The row above is measured after the load runs, when
+                    # memory freed by earlier connections is reused; a
+                    # process that has served nothing yet shows the full
+                    # cost.
+                    pid, ports = mode.start(env, procs)
+                    try:
+                        rec(mode, "idle_fresh_kib", idle_memory(pid, ports["hold"], env))
+                    finally:
+                        mode.stop(procs)
                 if not isinstance(mode, FailoverProxy) or mode.name == "fp-hosts":
                     for svc in ("refused", "hole"):
                         first, later = failover(mode, env, procs, svc)
@@ -561,7 +571,8 @@ ROWS = [
     ("nc_rps", "new connections/s (Connection: close)", "{:,.0f}", True),
     ("ka_cpu_us", "proxy CPU per keep-alive request (µs)", "{:.1f}", False),
     ("nc_cpu_us", "proxy CPU per new connection (µs)", "{:.1f}", False),
-    ("idle_kib", f"memory per idle connection (KiB, {IDLE} held)", "{:.2f}", False),
+    ("idle_kib", f"memory per idle connection after the load runs (KiB, {IDLE} held)", "{:.2f}", False),
+    ("idle_fresh_kib", f"memory per idle connection, fresh process (KiB, {IDLE} held)", "{:.2f}", False),
     ("start_kib", "proxy memory at start (RSS, KiB)", "{:,.0f}", False),
     ("peak_kib", "proxy peak memory over the run (VmHWM, KiB)", "{:,.0f}", False),
     ("refused_first_ms", "first address refuses: first connection (ms)", "{:.2f}", False),
