@@ -118,11 +118,18 @@ pub async fn accept_loop(
                     Ok(permit) => {
                         let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
                         let drain = drain.clone();
-                        tokio::spawn(async move {
-                            serve(route, shared, stream, ClientAddr(peer), arrived).await;
-                            drop(permit);
-                            drop(drain);
-                        });
+                        // Spawned as is, not wrapped in another async block,
+                        // which would keep a second copy of serve's arguments
+                        // for the connection's whole life. The permit and the
+                        // drain guard go with it and are dropped as it ends.
+                        tokio::spawn(serve(
+                            route,
+                            shared,
+                            stream,
+                            ClientAddr(peer),
+                            arrived,
+                            (permit, drain),
+                        ));
                     }
                     Err(_) => {
                         let _ = stream.set_zero_linger();

@@ -236,7 +236,8 @@ impl Drop for Active<'_> {
 }
 
 /// Serves one client connection to its end. Errors here are logged and
-/// never bubble up: one connection cannot affect the accept loop.
+/// never bubble up: one connection cannot affect the accept loop. `held`
+/// is dropped when the connection ends.
 ///
 /// This future is the connection's task, and for an idle connection it is
 /// nearly all the memory the connection holds. So it is an `async move`
@@ -253,8 +254,12 @@ pub fn serve(
     mut client: TcpStream,
     peer: ClientAddr,
     arrived: Instant,
+    held: impl Send + 'static,
 ) -> impl Future<Output = ()> + Send {
     async move {
+        // Whatever the caller needs kept until the connection ends (its
+        // max_connections permit, its drain guard) goes when this does.
+        let _held = held;
         // Timed from the accept: the connection's time in the run queue is
         // part of what its client waits.
         let started = arrived;
