@@ -78,151 +78,160 @@ struct DirError {
 /// Relays until both directions finish, an error resets both, or the
 /// connection is idle for `idle`. Byte counts are in `counts` whatever the
 /// outcome.
-pub async fn relay(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its state"
+)]
+pub fn relay<'a>(
+    client: &'a mut TcpStream,
+    upstream: &'a mut TcpStream,
     idle: Option<Duration>,
-    counts: &Counts,
+    counts: &'a Counts,
     mode: Mode,
-) -> (End, Option<io::Error>) {
-    let outcome = {
-        let (mut client_r, mut client_w) = client.split();
-        let (mut upstream_r, mut upstream_w) = upstream.split();
-        both_ways(
-            &mut client_r,
-            &mut client_w,
-            &mut upstream_r,
-            &mut upstream_w,
-            idle,
-            counts,
-            mode,
-        )
-        .await
-    };
-    match outcome {
-        Ok(end) => {
-            if end == End::Idle {
-                let _ = SockRef::from(&*client).shutdown(Shutdown::Write);
-                let _ = SockRef::from(&*upstream).shutdown(Shutdown::Write);
+) -> impl Future<Output = (End, Option<io::Error>)> + Send + 'a {
+    async move {
+        let outcome = {
+            let (client_r, client_w) = client.split();
+            let (upstream_r, upstream_w) = upstream.split();
+            both_ways(
+                client_r, client_w, upstream_r, upstream_w, idle, counts, mode,
+            )
+            .await
+        };
+        match outcome {
+            Ok(end) => {
+                if end == End::Idle {
+                    let _ = SockRef::from(&*client).shutdown(Shutdown::Write);
+                    let _ = SockRef::from(&*upstream).shutdown(Shutdown::Write);
+                }
+                (end, None)
             }
-            (end, None)
-        }
-        Err(e) => {
-            // Zero linger makes the close that follows send RST, so the
-            // peer sees the failure instead of a clean end of stream.
-            let _ = client.set_zero_linger();
-            let _ = upstream.set_zero_linger();
-            let end = match e.side {
-                Side::Client => End::ClientReset,
-                Side::Upstream => End::UpstreamReset,
-            };
-            (end, Some(e.error))
+            Err(e) => {
+                // Zero linger makes the close that follows send RST, so the
+                // peer sees the failure instead of a clean end of stream.
+                let _ = client.set_zero_linger();
+                let _ = upstream.set_zero_linger();
+                let end = match e.side {
+                    Side::Client => End::ClientReset,
+                    Side::Upstream => End::UpstreamReset,
+                };
+                (end, Some(e.error))
+            }
         }
     }
 }
 
-async fn both_ways(
-    client_r: &mut ReadHalf<'_>,
-    client_w: &mut WriteHalf<'_>,
-    upstream_r: &mut ReadHalf<'_>,
-    upstream_w: &mut WriteHalf<'_>,
+/// Both directions and the connection's one timer. The halves are moved
+/// in and the future is an `async move` block: an `async fn` would keep a
+/// second copy of its arguments for the connection's whole life.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn keeps a second copy of its arguments in its state"
+)]
+fn both_ways<'a>(
+    mut client_r: ReadHalf<'a>,
+    mut client_w: WriteHalf<'a>,
+    mut upstream_r: ReadHalf<'a>,
+    mut upstream_w: WriteHalf<'a>,
     idle: Option<Duration>,
-    counts: &Counts,
+    counts: &'a Counts,
     mode: Mode,
-) -> Result<End, DirError> {
-    let started = Instant::now();
-    // Milliseconds since `started` of the last byte moved; shared by both
-    // directions so that traffic either way keeps the connection alive.
-    let last = AtomicU64::new(0);
-    let up_finished = AtomicBool::new(false);
-    let down_finished = AtomicBool::new(false);
-    let keepalive_due = AtomicBool::new(false);
-    let up_dir = Dir {
-        src_side: Side::Client,
-        count: &counts.to_upstream,
-        last: &last,
-        other_finished: &down_finished,
-        started,
-        keepalive_due: None,
-        mode,
-    };
-    let down_dir = Dir {
-        src_side: Side::Upstream,
-        count: &counts.to_client,
-        last: &last,
-        other_finished: &up_finished,
-        started,
-        keepalive_due: Some(&keepalive_due),
-        mode,
-    };
-    let mut up = std::pin::pin!(pump(client_r, upstream_w, &up_dir));
-    let mut down = std::pin::pin!(pump(upstream_r, client_w, &down_dir));
-    // One timer per connection, for both of its deadlines: arming keepalive
-    // on the upstream socket and the idle check. A timer in each direction
-    // would make every connection's task 112 bytes larger per timer.
-    let keepalive_at = started + KEEPALIVE_ARM_AFTER;
-    let mut keepalive_pending = true;
-    let first = idle.map_or(keepalive_at, |i| keepalive_at.min(started + i));
-    let mut timer = std::pin::pin!(tokio::time::sleep_until(first));
-    let mut timer_set = true;
+) -> impl Future<Output = Result<End, DirError>> + Send + 'a {
+    async move {
+        let started = Instant::now();
+        // Milliseconds since `started` of the last byte moved; shared by both
+        // directions so that traffic either way keeps the connection alive.
+        let last = AtomicU64::new(0);
+        let up_finished = AtomicBool::new(false);
+        let down_finished = AtomicBool::new(false);
+        let keepalive_due = AtomicBool::new(false);
+        let up_dir = Dir {
+            src_side: Side::Client,
+            count: &counts.to_upstream,
+            last: &last,
+            other_finished: &down_finished,
+            started,
+            keepalive_due: None,
+            mode,
+        };
+        let down_dir = Dir {
+            src_side: Side::Upstream,
+            count: &counts.to_client,
+            last: &last,
+            other_finished: &up_finished,
+            started,
+            keepalive_due: Some(&keepalive_due),
+            mode,
+        };
+        let mut up = std::pin::pin!(pump(&mut client_r, &mut upstream_w, &up_dir));
+        let mut down = std::pin::pin!(pump(&mut upstream_r, &mut client_w, &down_dir));
+        // One timer per connection, for both of its deadlines: arming keepalive
+        // on the upstream socket and the idle check. A timer in each direction
+        // would make every connection's task 112 bytes larger per timer.
+        let keepalive_at = started + KEEPALIVE_ARM_AFTER;
+        let mut keepalive_pending = true;
+        let first = idle.map_or(keepalive_at, |i| keepalive_at.min(started + i));
+        let mut timer = std::pin::pin!(tokio::time::sleep_until(first));
+        let mut timer_set = true;
 
-    loop {
-        enum Ev {
-            Up(Result<(), DirError>),
-            Down(Result<(), DirError>),
-            Timer,
-        }
-        let ev = poll_fn(|cx| {
-            if !up_finished.load(Ordering::Relaxed)
-                && let Poll::Ready(r) = up.as_mut().poll(cx)
-            {
-                return Poll::Ready(Ev::Up(r));
+        loop {
+            enum Ev {
+                Up(Result<(), DirError>),
+                Down(Result<(), DirError>),
+                Timer,
             }
-            if !down_finished.load(Ordering::Relaxed)
-                && let Poll::Ready(r) = down.as_mut().poll(cx)
-            {
-                return Poll::Ready(Ev::Down(r));
-            }
-            if timer_set && timer.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Ev::Timer);
-            }
-            Poll::Pending
-        })
-        .await;
-        match ev {
-            Ev::Up(r) => {
-                r?;
-                up_finished.store(true, Ordering::Relaxed);
-            }
-            Ev::Down(r) => {
-                r?;
-                down_finished.store(true, Ordering::Relaxed);
-            }
-            Ev::Timer => {
-                let now = Instant::now();
-                if keepalive_pending && now >= keepalive_at {
-                    keepalive_pending = false;
-                    // The upstream direction arms it when next polled,
-                    // which the next turn of this loop does.
-                    keepalive_due.store(true, Ordering::Relaxed);
+            let ev = poll_fn(|cx| {
+                if !up_finished.load(Ordering::Relaxed)
+                    && let Poll::Ready(r) = up.as_mut().poll(cx)
+                {
+                    return Poll::Ready(Ev::Up(r));
                 }
-                let idle_deadline =
-                    idle.map(|i| started + Duration::from_millis(last.load(Ordering::Relaxed)) + i);
-                if idle_deadline.is_some_and(|d| now >= d) {
-                    return Ok(End::Idle);
+                if !down_finished.load(Ordering::Relaxed)
+                    && let Poll::Ready(r) = down.as_mut().poll(cx)
+                {
+                    return Poll::Ready(Ev::Down(r));
                 }
-                let next = match (keepalive_pending.then_some(keepalive_at), idle_deadline) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                match next {
-                    Some(t) => timer.as_mut().reset(t),
-                    None => timer_set = false,
+                if timer_set && timer.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Ev::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
+            match ev {
+                Ev::Up(r) => {
+                    r?;
+                    up_finished.store(true, Ordering::Relaxed);
+                }
+                Ev::Down(r) => {
+                    r?;
+                    down_finished.store(true, Ordering::Relaxed);
+                }
+                Ev::Timer => {
+                    let now = Instant::now();
+                    if keepalive_pending && now >= keepalive_at {
+                        keepalive_pending = false;
+                        // The upstream direction arms it when next polled,
+                        // which the next turn of this loop does.
+                        keepalive_due.store(true, Ordering::Relaxed);
+                    }
+                    let idle_deadline = idle
+                        .map(|i| started + Duration::from_millis(last.load(Ordering::Relaxed)) + i);
+                    if idle_deadline.is_some_and(|d| now >= d) {
+                        return Ok(End::Idle);
+                    }
+                    let next = match (keepalive_pending.then_some(keepalive_at), idle_deadline) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    match next {
+                        Some(t) => timer.as_mut().reset(t),
+                        None => timer_set = false,
+                    }
                 }
             }
-        }
-        if up_finished.load(Ordering::Relaxed) && down_finished.load(Ordering::Relaxed) {
-            return Ok(End::Closed);
+            if up_finished.load(Ordering::Relaxed) && down_finished.load(Ordering::Relaxed) {
+                return Ok(End::Closed);
+            }
         }
     }
 }

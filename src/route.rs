@@ -258,38 +258,35 @@ pub fn serve(
 ) -> impl Future<Output = ()> + Send {
     async move {
         // Whatever the caller needs kept until the connection ends (its
-        // max_connections permit, its drain guard) goes when this does.
-        let _held = held;
-        // Timed from the accept: the connection's time in the run queue is
-        // part of what its client waits.
-        let started = arrived;
+        // max_connections permit, its drain guard) goes when this does:
+        // naming it moves it in, and a binding would be a second copy.
+        let _ = &held;
+        // Timed from the accept (`arrived`): the connection's time in the
+        // run queue is part of what its client waits.
         let _active = Active::new(&route.state);
         let Some((mut upstream, addr, attempts)) =
-            resolve_and_connect(&route, &shared, peer, started).await
+            resolve_and_connect(&route, &shared, peer, arrived).await
         else {
             reset(client);
             return;
         };
         // TCP_NODELAY comes from the listener (listener::bind).
-        let cfg = &route.cfg;
-        let st = &route.state;
         let counts = Counts::default();
         let (end, error) = relay(
             &mut client,
             &mut upstream,
-            cfg.idle_timeout,
+            route.cfg.idle_timeout,
             &counts,
             shared.relay,
         )
         .await;
         if let Some(e) = error {
-            tracing::debug!(route = %cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
+            tracing::debug!(route = %route.cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
         }
-        st.metrics
-            .bytes_to_upstream
+        let m = &route.state.metrics;
+        m.bytes_to_upstream
             .increment(counts.to_upstream.load(Ordering::Relaxed));
-        st.metrics
-            .bytes_to_client
+        m.bytes_to_client
             .increment(counts.to_client.load(Ordering::Relaxed));
         log_end(
             &route,
@@ -297,7 +294,7 @@ pub fn serve(
             Some(addr),
             &attempts,
             &counts,
-            started,
+            arrived,
             Outcome::Relayed(end),
         );
     }
