@@ -514,6 +514,12 @@ def main():
                     tag = f"{mode.name}-run{run + 1}"
                     if pid is not None:
                         rec(mode, "start_kib", rss_kib(pid))
+                        # Before the load runs: after them, the new
+                        # connections would reuse memory that earlier ones
+                        # freed (failover-proxy's histogram samples, folded
+                        # every 5 s, left room for all of them), and the
+                        # growth would show that, not what a connection holds.
+                        rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
                     try:
                         rec(mode, "gbps", iperf(f"{tag}-iperf", ports["iperf"]))
                     except (RuntimeError, KeyError, subprocess.TimeoutExpired) as e:
@@ -532,17 +538,6 @@ def main():
                         rec(mode, "peak_kib", rss_kib(pid, "VmHWM"))
                 finally:
                     mode.stop(procs)
-                if not isinstance(mode, Direct):
-                    # In a process of its own: after the load runs, the
-                    # new connections would reuse memory that earlier ones
-                    # freed (failover-proxy's histogram samples, folded
-                    # every 5 s, left room for all 1,000), and the growth
-                    # would show that, not what a connection holds.
-                    pid, ports = mode.start(env, procs)
-                    try:
-                        rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
-                    finally:
-                        mode.stop(procs)
                 if not isinstance(mode, FailoverProxy) or mode.name == "fp-hosts":
                     for svc in ("refused", "hole"):
                         first, later = failover(mode, env, procs, svc)
@@ -571,9 +566,9 @@ ROWS = [
     ("nc_rps", "new connections/s (Connection: close)", "{:,.0f}", True),
     ("ka_cpu_us", "proxy CPU per keep-alive request (µs)", "{:.1f}", False),
     ("nc_cpu_us", "proxy CPU per new connection (µs)", "{:.1f}", False),
-    ("idle_kib", f"memory per idle connection (KiB, {IDLE} held by a fresh process)", "{:.2f}", False),
+    ("idle_kib", f"memory per idle connection (KiB, {IDLE} held before the load runs)", "{:.2f}", False),
     ("start_kib", "proxy memory at start (RSS, KiB)", "{:,.0f}", False),
-    ("peak_kib", "proxy peak memory over the load runs (VmHWM, KiB)", "{:,.0f}", False),
+    ("peak_kib", "proxy peak memory over the run (VmHWM, KiB)", "{:,.0f}", False),
     ("refused_first_ms", "first address refuses: first connection (ms)", "{:.2f}", False),
     ("refused_later_ms", "first address refuses: later connections (ms)", "{:.2f}", False),
     ("hole_first_ms", "first address black-holed: first connection (ms)", "{:.2f}", False),

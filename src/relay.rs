@@ -169,7 +169,6 @@ fn both_ways<'a>(
         // on the upstream socket and the idle check. A timer in each direction
         // would make every connection's task 112 bytes larger per timer.
         let keepalive_at = started + KEEPALIVE_ARM_AFTER;
-        let mut keepalive_pending = true;
         let first = idle.map_or(keepalive_at, |i| keepalive_at.min(started + i));
         let mut timer = std::pin::pin!(tokio::time::sleep_until(first));
         let mut timer_set = true;
@@ -208,8 +207,7 @@ fn both_ways<'a>(
                 }
                 Ev::Timer => {
                     let now = Instant::now();
-                    if keepalive_pending && now >= keepalive_at {
-                        keepalive_pending = false;
+                    if now >= keepalive_at {
                         // The upstream direction arms it when next polled,
                         // which the next turn of this loop does.
                         keepalive_due.store(true, Ordering::Relaxed);
@@ -219,11 +217,10 @@ fn both_ways<'a>(
                     if idle_deadline.is_some_and(|d| now >= d) {
                         return Ok(End::Idle);
                     }
-                    let next = match (keepalive_pending.then_some(keepalive_at), idle_deadline) {
-                        (Some(a), Some(b)) => Some(a.min(b)),
-                        (a, b) => a.or(b),
-                    };
-                    match next {
+                    // Keepalive's deadline counts until it is due.
+                    let keepalive =
+                        (!keepalive_due.load(Ordering::Relaxed)).then_some(keepalive_at);
+                    match keepalive.into_iter().chain(idle_deadline).min() {
                         Some(t) => timer.as_mut().reset(t),
                         None => timer_set = false,
                     }

@@ -15,13 +15,24 @@ fn write_config(
     port: u16,
     extra: &str,
 ) -> std::path::PathBuf {
+    write_config_admin(dir, alias_ip, port, "127.0.0.1:0", extra)
+}
+
+/// [`write_config`] with the admin endpoint on `admin` ("" turns it off).
+fn write_config_admin(
+    dir: &Path,
+    alias_ip: std::net::IpAddr,
+    port: u16,
+    admin: &str,
+    extra: &str,
+) -> std::path::PathBuf {
     let hosts = dir.join("hosts");
     std::fs::write(&hosts, format!("{alias_ip} cluster.test\n")).unwrap();
     let path = dir.join("proxy.toml");
     std::fs::write(
         &path,
         format!(
-            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {port}\n\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}",
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {port}\n\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"{admin}\"\n{extra}",
             hosts.display()
         ),
     )
@@ -296,18 +307,7 @@ async fn churn(addr: std::net::SocketAddr, span: std::time::Duration) -> u64 {
 async fn memory_levels_off_under_churn_with_the_admin_endpoint_off() {
     let b = backend(ip(59), "b").await;
     let dir = tempfile::tempdir().unwrap();
-    let hosts = dir.path().join("hosts");
-    std::fs::write(&hosts, format!("{} cluster.test\n", ip(59))).unwrap();
-    let cfg = dir.path().join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {}\n\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\nhosts_file = \"{}\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"\"\n",
-            b.addr.port(),
-            hosts.display()
-        ),
-    )
-    .unwrap();
+    let cfg = write_config_admin(dir.path(), ip(59), b.addr.port(), "", "");
     let p = Running::spawn(&cfg);
     let addr = listen_addr(&p.wait_line("\"listening\""));
     let pid = p.child.id();

@@ -120,6 +120,21 @@ async fn client_reset_resets_the_server() {
     assert_eq!(r.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
 }
 
+/// Waits for the proxy's idle-timeout close at `client`: a FIN, not a
+/// reset, and not before `idle` has passed since `opened`.
+async fn assert_idle_close(client: &mut TcpStream, opened: Instant, idle: Duration) {
+    let mut rest = Vec::new();
+    let n = within("idle close at the client", client.read_to_end(&mut rest))
+        .await
+        .expect("idle timeout ends with FIN, not a reset");
+    assert_eq!(n, 0);
+    assert!(
+        opened.elapsed() >= idle,
+        "closed before idle_timeout: {:?}",
+        opened.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn idle_connection_is_closed_with_fin_after_idle_timeout() {
     let (_proxy, mut client, mut server) = relayed(ip(45), "idle_timeout = \"300ms\"").await;
@@ -129,16 +144,7 @@ async fn idle_connection_is_closed_with_fin_after_idle_timeout() {
     let mut b = [0u8; 4];
     within("ping", server.read_exact(&mut b)).await.unwrap();
 
-    let mut rest = Vec::new();
-    let n = within("idle close at the client", client.read_to_end(&mut rest))
-        .await
-        .expect("idle timeout ends with FIN, not a reset");
-    assert_eq!(n, 0);
-    assert!(
-        opened.elapsed() >= Duration::from_millis(300),
-        "closed before idle_timeout: {:?}",
-        opened.elapsed()
-    );
+    assert_idle_close(&mut client, opened, Duration::from_millis(300)).await;
     let mut rest = Vec::new();
     within("idle close at the server", server.read_to_end(&mut rest))
         .await
@@ -262,6 +268,15 @@ fn tcp_timer(local: SocketAddr, remote: SocketAddr) -> Option<(u32, u64)> {
     })
 }
 
+/// Whether the proxy's end of the upstream connection that `server`
+/// accepted has its keepalive timer running. Kind 2 is only shown on an
+/// established socket, so this also says the connection is still open.
+fn upstream_keepalive_armed(server: &TcpStream) -> bool {
+    let upstream_local = server.peer_addr().unwrap();
+    let addr = server.local_addr().unwrap();
+    tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2)
+}
+
 #[tokio::test]
 async fn a_silent_upstream_connection_gets_keepalive() {
     let (_proxy, _client, server) = relayed(ip(49), "").await;
@@ -271,7 +286,7 @@ async fn a_silent_upstream_connection_gets_keepalive() {
     // Nothing is sent either way: keepalive is what would notice a server
     // that vanished. It is set once the connection has lived a moment.
     eventually("keepalive timer on the upstream socket", || async {
-        tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2)
+        upstream_keepalive_armed(&server)
     })
     .await;
     let (_, ticks) = tcp_timer(upstream_local, addr).expect("upstream socket listed");
@@ -285,24 +300,12 @@ async fn a_connection_with_an_idle_timeout_gets_keepalive_before_it_ends() {
     // be lost to the idle check, nor the idle check to keepalive.
     let (_proxy, mut client, server) = relayed(ip(57), "idle_timeout = \"2s\"").await;
     let opened = Instant::now();
-    let upstream_local = server.peer_addr().unwrap();
-    let addr = server.local_addr().unwrap();
-    // Kind 2 is only shown on an established socket: the connection is
-    // still open when keepalive is seen.
+    // Seen while the connection is still open.
     eventually("keepalive timer on the upstream socket", || async {
-        tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2)
+        upstream_keepalive_armed(&server)
     })
     .await;
-    let mut rest = Vec::new();
-    let n = within("idle close at the client", client.read_to_end(&mut rest))
-        .await
-        .expect("idle timeout ends with FIN, not a reset");
-    assert_eq!(n, 0);
-    assert!(
-        opened.elapsed() >= Duration::from_secs(2),
-        "closed before idle_timeout: {:?}",
-        opened.elapsed()
-    );
+    assert_idle_close(&mut client, opened, Duration::from_secs(2)).await;
 }
 
 #[tokio::test]
@@ -310,8 +313,6 @@ async fn traffic_that_holds_off_the_idle_timeout_still_gets_keepalive() {
     // The idle deadline (500 ms) comes before keepalive's and moves with
     // every byte: keepalive must still be set once it is due.
     let (_proxy, mut client, mut server) = relayed(ip(58), "idle_timeout = \"500ms\"").await;
-    let upstream_local = server.peer_addr().unwrap();
-    let addr = server.local_addr().unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     // Paces the traffic, not a synchronisation: each ping is awaited.
     let mut pace = tokio::time::interval(Duration::from_millis(150));
@@ -322,7 +323,7 @@ async fn traffic_that_holds_off_the_idle_timeout_still_gets_keepalive() {
         within("ping", server.read_exact(&mut b))
             .await
             .expect("connection open while traffic flows");
-        if tcp_timer(upstream_local, addr).is_some_and(|(kind, _)| kind == 2) {
+        if upstream_keepalive_armed(&server) {
             break;
         }
         assert!(
