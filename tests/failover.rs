@@ -301,17 +301,40 @@ async fn an_answer_pointing_at_the_proxy_itself_is_never_dialled() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     let dns = DnsServer::start().await;
-    // Bind first to learn the port, then make the alias point at it.
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    // Bind first to learn the port, then make the alias point at it. On an
+    // address of this test's own: clients' connections come from 127.0.0.1,
+    // so none can take the port between the probe and the proxy's bind.
+    let probe = std::net::TcpListener::bind(std::net::SocketAddr::new(ip(64), 0)).unwrap();
     let port = probe.local_addr().unwrap().port();
     drop(probe);
-    std::fs::write(&hosts, "127.0.0.1 self.test\n").unwrap();
+    std::fs::write(&hosts, "127.0.0.64 self.test\n").unwrap();
     let cfg = config(&format!(
-        "[[route]]\nlisten = \"127.0.0.1:{port}\"\nalias = \"self.test\"\nport = {port}\n[resolver]\n{}",
+        "[[route]]\nname = \"selfdial\"\nlisten = \"127.0.0.64:{port}\"\nalias = \"self.test\"\nport = {port}\n[resolver]\n{}",
         resolver_toml(dns.addr, Some(&hosts))
     ));
     let proxy = start(cfg);
+    let admin = proxy.admin.expect("admin endpoint");
     assert_reset(proxy.addr()).await;
+    // A proxy that dialled itself would also be reset in the end, once the
+    // loop of connections to itself had run out of something: it is the
+    // counts that tell the two apart.
+    let own = format!("127.0.0.64:{port}");
+    let route = ("route", "selfdial");
+    eventually("the loop attempt counted", || async {
+        let m = scrape(admin).await;
+        sample(
+            &m,
+            "failover_proxy_upstream_connect_attempts_total",
+            &[route, ("address", own.as_str()), ("result", "loop")],
+        ) == Some(1.0)
+    })
+    .await;
+    let m = scrape(admin).await;
+    assert_eq!(
+        sample(&m, "failover_proxy_connections_accepted_total", &[route]),
+        Some(1.0),
+        "only the client's connection was accepted"
+    );
 }
 
 fn dns_only_resolver(dns: std::net::SocketAddr) -> failover_proxy::resolve::Resolver {

@@ -11,35 +11,6 @@ use std::process::Stdio;
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// The value of one series in a Prometheus text scrape.
-fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    scrape
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
-            if n != name {
-                return None;
-            }
-            let got: Vec<(&str, &str)> = rest
-                .trim_end_matches('}')
-                .split(',')
-                .filter(|p| !p.is_empty())
-                .filter_map(|p| p.split_once('='))
-                .map(|(k, v)| (k, v.trim_matches('"')))
-                .collect();
-            (got.len() == labels.len() && labels.iter().all(|l| got.contains(l)))
-                .then(|| value.parse().ok())?
-        })
-}
-
-async fn scrape(admin: SocketAddr) -> String {
-    let (code, body) = http_get(admin, "/metrics").await;
-    assert_eq!(code, 200);
-    body
-}
-
 /// One full exchange through the proxy: read the id line, echo a byte,
 /// close, and wait for the end.
 async fn exchange(proxy: SocketAddr) -> String {

@@ -357,6 +357,35 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     .await
 }
 
+/// The value of one series in a Prometheus text scrape.
+pub fn sample(scrape: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, "}"));
+            if n != name {
+                return None;
+            }
+            let got: Vec<(&str, &str)> = rest
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+                .filter_map(|p| p.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            (got.len() == labels.len() && labels.iter().all(|l| got.contains(l)))
+                .then(|| value.parse().ok())?
+        })
+}
+
+pub async fn scrape(admin: SocketAddr) -> String {
+    let (code, body) = http_get(admin, "/metrics").await;
+    assert_eq!(code, 200);
+    body
+}
+
 /// Polls `check` until it holds: for conditions that become true through
 /// the proxy's own timers or background tasks. The deadline only stops a
 /// hang.
