@@ -380,13 +380,15 @@ async fn resolve_and_connect(
     st.metrics
         .connect_duration
         .record(started.elapsed().as_secs_f64());
-    if plan.first.is_some_and(|f| f != addr) {
+    if let Some(first) = plan.first
+        && first != addr
+    {
         st.metrics.failovers.increment(1);
         tracing::warn!(
             route = %cfg.name,
             client.addr = %peer.0,
             upstream.addr = %addr,
-            first = ?plan.first,
+            first = %first,
             attempts = %AttemptsDisplay(&attempts),
             "failover: served by other than the first address"
         );

@@ -82,6 +82,85 @@ async fn sigterm_stops_accepting_and_drains_open_connections() {
     p.wait_line("all connections finished");
 }
 
+/// The level and the fields of a JSON log line (flattened: the event's
+/// fields sit beside `level` and `message`).
+fn log_fields(line: &str) -> (String, serde_json::Value) {
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    let level = v["level"].as_str().expect("level").to_string();
+    (level, v)
+}
+
+/// `ADDR RESULT 1.2ms, ...` from a log line's `attempts` field, as
+/// (address, result) pairs, each time checked to be a number of ms.
+fn attempts_of(fields: &serde_json::Value) -> Vec<(String, String)> {
+    let text = fields["attempts"].as_str().expect("attempts field");
+    text.split(", ")
+        .map(|a| {
+            let parts: Vec<&str> = a.split(' ').collect();
+            let [addr, result, ms] = parts[..] else {
+                panic!("attempt is not `address result time`: {a:?} in {text:?}")
+            };
+            let ms = ms.strip_suffix("ms").expect("time in ms");
+            assert!(ms.parse::<f64>().is_ok(), "time {ms:?} in {text:?}");
+            (addr.to_string(), result.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
+    let (_hold, dead) = refusing(ip(66));
+    let port = dead.port();
+    let live = std::net::SocketAddr::new(ip(67), port);
+    let _b = backend_on(live, "b67").await;
+    let dir = tempfile::tempdir().unwrap();
+    // No active health: the refusal is the connection's own attempt.
+    let cfg = write_config(dir.path(), ip(66), port, "[health]\ninterval = \"0s\"\n");
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.66 cluster.test\n127.0.0.67 cluster.test\n").unwrap();
+    let p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+
+    // Served by the second address: a WARN line, then the connection's line.
+    let (id, mut s) = within("served", served_by(addr)).await.unwrap();
+    assert_eq!(id, "b67");
+    let client = s.local_addr().unwrap().to_string();
+    s.write_all(b"abc").await.unwrap();
+    let mut echo = [0u8; 3];
+    within("echo", s.read_exact(&mut echo)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("end", s.read_to_end(&mut rest)).await.unwrap();
+    let tried = vec![
+        (dead.to_string(), "refused".to_string()),
+        (live.to_string(), "ok".to_string()),
+    ];
+    let (level, f) = log_fields(&p.wait_line("served by other than the first address"));
+    assert_eq!(level, "WARN");
+    assert_eq!(f["route"], "cluster.test");
+    assert_eq!(f["upstream.addr"], live.to_string());
+    assert_eq!(f["first"], dead.to_string());
+    assert_eq!(attempts_of(&f), tried);
+    let (level, f) = log_fields(&p.wait_line("connection closed"));
+    assert_eq!(level, "INFO");
+    assert_eq!(f["route"], "cluster.test");
+    assert_eq!(f["client.addr"], client);
+    assert_eq!(f["upstream.addr"], live.to_string());
+    assert_eq!(attempts_of(&f), tried);
+    assert_eq!(f["bytes.to_upstream"], 3);
+    assert_eq!(f["bytes.to_client"], "b67\n".len() + 3);
+    assert_eq!(f["end"], "closed");
+    assert!(f["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{f}");
+
+    // Only the refusing address left: the client is reset, with a WARN.
+    std::fs::write(&hosts, "127.0.0.66 cluster.test\n").unwrap();
+    assert_reset(addr).await;
+    let (level, f) = log_fields(&p.wait_line("no server reachable"));
+    assert_eq!(level, "WARN");
+    assert_eq!(attempts_of(&f), [(dead.to_string(), "refused".to_string())]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_wait_for_open_connections() {
     let b = backend(ip(52), "b").await;
