@@ -115,6 +115,55 @@ async fn black_holed_first_address_costs_one_attempt_delay_then_nothing() {
 }
 
 #[tokio::test]
+async fn an_address_that_never_answers_is_given_up_after_connect_timeout() {
+    let dns = DnsServer::start().await;
+    let (_l, _filler, hole) = black_hole(ip(65)).await;
+    dns.records("silent.test", &[ip(65)]);
+    let timeout = Duration::from_millis(400);
+    let cfg = config(&format!(
+        "[[route]]\nname = \"silent\"\nlisten = \"127.0.0.1:0\"\nalias = \"silent.test\"\nport = {}\n\
+         attempt_delay = \"100ms\"\nconnect_timeout = \"400ms\"\n[resolver]\n{}",
+        hole.port(),
+        resolver_toml(dns.addr, None)
+    ));
+    let proxy = start(cfg);
+    let admin = proxy.admin.expect("admin endpoint");
+    let t = Instant::now();
+    assert_reset(proxy.addr()).await;
+    let waited = t.elapsed();
+    assert!(
+        waited >= timeout,
+        "given up before connect_timeout: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(10),
+        "connect_timeout did not bound the attempt: {waited:?}"
+    );
+    // Counted as a timeout, which is what an operator's alert on silent
+    // servers looks for, and the connection as failed to connect.
+    let route = ("route", "silent");
+    let addr = hole.to_string();
+    eventually("the timed-out attempt counted", || async {
+        let m = scrape(admin).await;
+        sample(
+            &m,
+            "failover_proxy_upstream_connect_attempts_total",
+            &[route, ("address", addr.as_str()), ("result", "timeout")],
+        ) == Some(1.0)
+    })
+    .await;
+    let m = scrape(admin).await;
+    assert_eq!(
+        sample(
+            &m,
+            "failover_proxy_connections_failed_total",
+            &[route, ("reason", "connect")]
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
 async fn round_robin_rotates_over_every_address() {
     let dns = DnsServer::start().await;
     let b1 = backend(ip(21), "b1").await;
@@ -334,6 +383,16 @@ async fn an_answer_pointing_at_the_proxy_itself_is_never_dialled() {
         sample(&m, "failover_proxy_connections_accepted_total", &[route]),
         Some(1.0),
         "only the client's connection was accepted"
+    );
+    // A loop is the configuration's fault, not a server's: the address is
+    // not marked down.
+    assert_ne!(
+        sample(
+            &m,
+            "failover_proxy_backend_up",
+            &[route, ("address", own.as_str())]
+        ),
+        Some(0.0)
     );
 }
 
