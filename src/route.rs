@@ -1,7 +1,7 @@
 //! One route's shared state and the path of one client connection through
 //! it: resolve the alias, order the answer, connect, relay, log.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,13 +27,34 @@ pub struct ClientAddr(pub SocketAddr);
 pub struct OwnListeners(pub Vec<SocketAddr>);
 
 impl OwnListeners {
+    /// Whether a connection to `addr` would reach one of our listeners.
     pub fn contains(&self, addr: SocketAddr) -> bool {
+        // Where the kernel sends a connect: a v4-mapped address goes to the
+        // IPv4 one, and the unspecified address to loopback.
+        let ip = match addr.ip().to_canonical() {
+            IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(v6) if v6.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+            ip => ip,
+        };
         self.0.iter().any(|l| {
             l.port() == addr.port()
-                && (l.ip() == addr.ip()
-                    || (l.ip().is_unspecified() && l.is_ipv4() == addr.is_ipv4()))
+                && (l.ip() == ip
+                    // A listener on the unspecified address answers on every
+                    // address of this host, and one on `::` on IPv4 ones
+                    // too (it is not set IPv6-only). A server elsewhere that
+                    // uses the same port is not us.
+                    || (l.ip().is_unspecified()
+                        && (l.is_ipv6() || ip.is_ipv4())
+                        && is_local(ip)))
         })
     }
+}
+
+/// Whether `ip` is one of this host's addresses: only then can a socket be
+/// bound to it. Asked only for an answer on the port of a listener on the
+/// unspecified address, so a connection's usual path never pays for it.
+fn is_local(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// What a route knows that outlives a reload of an unchanged route: health,
@@ -494,5 +515,40 @@ pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
             }
         }
         tokio::time::sleep_until(round + interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::OwnListeners;
+
+    #[test]
+    fn own_listeners_match_by_port_and_address_or_a_local_address() {
+        let own = OwnListeners(vec![
+            "127.0.0.1:41000".parse().unwrap(),
+            "0.0.0.0:41001".parse().unwrap(),
+            "[::]:41002".parse().unwrap(),
+        ]);
+        let is_own = |a: &str| own.contains(a.parse().unwrap());
+        // The listener itself, and the addresses a connect takes to it.
+        assert!(is_own("127.0.0.1:41000"));
+        assert!(is_own("0.0.0.0:41000"));
+        assert!(is_own("[::ffff:127.0.0.1]:41000"));
+        // The example config's case: a server on the listener's address but
+        // another port must be dialled.
+        assert!(!is_own("127.0.0.1:8000"));
+        // Another address on the listener's port is someone else.
+        assert!(!is_own("127.0.0.2:41000"));
+        // A listener on 0.0.0.0 answers on every IPv4 address of this host...
+        assert!(is_own("127.0.0.9:41001"));
+        assert!(!is_own("127.0.0.9:41003"));
+        // ...but a server elsewhere on the same port is not us (192.0.2.1,
+        // TEST-NET-1, is never a host's address; nothing is sent to it)...
+        assert!(!is_own("192.0.2.1:41001"));
+        // ...nor is anything on IPv6.
+        assert!(!is_own("[::1]:41001"));
+        // A listener on `::` takes IPv4 connections too.
+        assert!(is_own("127.0.0.9:41002"));
+        assert!(!is_own("192.0.2.1:41002"));
     }
 }
