@@ -290,6 +290,17 @@ async fn readyz_follows_active_health_and_status_shows_it() {
         ),
         None
     );
+
+    // The hosts line changes: /status shows the new answer once a
+    // resolution (here the probes') has seen it.
+    let moved = SocketAddr::new(ip(68), addr.port());
+    std::fs::write(&hosts, format!("{} ready.test\n", ip(68))).unwrap();
+    eventually("/status shows the changed answer", || async {
+        let (_, status) = http_get(admin, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        v["routes"][0]["answer"]["addresses"] == serde_json::json!([moved.to_string()])
+    })
+    .await;
 }
 
 #[tokio::test]
