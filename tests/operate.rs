@@ -319,6 +319,35 @@ async fn readyz_is_503_while_an_alias_does_not_resolve() {
 }
 
 #[tokio::test]
+async fn status_keeps_the_last_answer_through_a_dns_failure_and_drops_it_on_nxdomain() {
+    let dns = DnsServer::start().await;
+    let b = backend(ip(93), "b93").await;
+    dns.records("keep.test", &[ip(93)]);
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"keep\"\nlisten = \"127.0.0.94:0\"\nalias = \"keep.test\"\nport = {}\n[resolver]\n{}stale_on_error = \"0s\"\n",
+        b.addr.port(),
+        resolver_toml(dns.addr, None)
+    )));
+    let admin = proxy.admin.unwrap();
+    let shown = || async {
+        let (_, status) = http_get(admin, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        v["routes"][0]["answer"]["addresses"].clone()
+    };
+    assert_eq!(id_via(proxy.addr()).await, "b93");
+    assert_eq!(shown().await, serde_json::json!([b.addr.to_string()]));
+    // DNS failing says nothing about the name: the last answer stays shown
+    // (and /readyz judges the route by it).
+    dns.set("keep.test", Behavior::ServFail);
+    assert_reset(proxy.addr()).await;
+    assert_eq!(shown().await, serde_json::json!([b.addr.to_string()]));
+    // NXDOMAIN is an answer: the name has no address now.
+    dns.set("keep.test", Behavior::NxDomain);
+    assert_reset(proxy.addr()).await;
+    assert_eq!(shown().await, serde_json::json!([]));
+}
+
+#[tokio::test]
 async fn malformed_and_mismatched_dns_answers_are_errors_not_panics() {
     let dns = DnsServer::start().await;
     let b = backend(ip(79), "b").await;
