@@ -283,6 +283,48 @@ async fn a_down_first_address_regains_its_place_after_retry_down_after() {
     assert_eq!(id_via(proxy.addr()).await, "b1");
 }
 
+#[tokio::test]
+async fn a_retry_a_connection_did_not_need_passes_to_the_next_one() {
+    // Round-robin puts the down address second on every other connection.
+    // A connection that claims its retry there is served by the first
+    // address and never makes it: the retry must go to the next connection,
+    // or the recovered server is never tried again.
+    let dns = DnsServer::start().await;
+    let (hold, dead) = refusing(ip(95));
+    let _a = backend_on(std::net::SocketAddr::new(ip(96), dead.port()), "a").await;
+    dns.records("cluster.test", &[ip(95), ip(96)]);
+    let retry = Duration::from_millis(400);
+    let proxy = start(config(&format!(
+        "{}\n[health]\nretry_down_after = \"400ms\"\ninterval = \"0s\"\n",
+        route_toml(
+            "cluster.test",
+            dead.port(),
+            "order = \"round-robin\"",
+            &resolver_toml(dns.addr, None)
+        )
+    )));
+    // Connection 0 tries the first address, which refuses: marked down.
+    assert_eq!(id_via(proxy.addr()).await, "a");
+    let marked = Instant::now();
+    let _b = serve_backend(hold.listen(16).unwrap(), "b");
+    // Connections 1 and 2, before the retry is due: the down address is
+    // moved to the back.
+    assert_eq!(id_via(proxy.addr()).await, "a");
+    assert_eq!(id_via(proxy.addr()).await, "a");
+    assert!(
+        marked.elapsed() < retry,
+        "test too slow to observe the down state"
+    );
+    // The retry is due once retry_down_after has passed: that is the event
+    // this test waits for.
+    tokio::time::sleep_until((marked + retry).into()).await;
+    // Connection 3 lists the down address second and claims its retry, but
+    // the first address serves it.
+    assert_eq!(id_via(proxy.addr()).await, "a");
+    // Connection 4 lists it first and makes the retry: it is back.
+    assert_eq!(id_via(proxy.addr()).await, "b");
+}
+
 /// `cluster.test` answered by a test DNS server with one backend on
 /// 127.0.0.`last`, behind a proxy with `stale_on_error`, served once.
 async fn served_once(last: u8, stale_on_error: &str) -> (DnsServer, Backend, Proxy) {
