@@ -164,6 +164,30 @@ async fn an_address_that_never_answers_is_given_up_after_connect_timeout() {
 }
 
 #[tokio::test]
+async fn attempt_delay_zero_tries_one_address_at_a_time() {
+    // `attempt_delay = "0s"` means no overlap: the second address is only
+    // tried once the first has failed, here by its connect timeout.
+    let dns = DnsServer::start().await;
+    let (_l, _filler, hole) = black_hole(ip(97)).await;
+    let _b = backend_on(std::net::SocketAddr::new(ip(98), hole.port()), "b98").await;
+    dns.records("cluster.test", &[ip(97), ip(98)]);
+    let timeout = Duration::from_millis(400);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        hole.port(),
+        "attempt_delay = \"0s\"\nconnect_timeout = \"400ms\"",
+        &resolver_toml(dns.addr, None),
+    )));
+    let t = Instant::now();
+    assert_eq!(id_via(proxy.addr()).await, "b98");
+    let waited = t.elapsed();
+    assert!(
+        waited >= timeout,
+        "second address tried before the first timed out: {waited:?}"
+    );
+}
+
+#[tokio::test]
 async fn round_robin_rotates_over_every_address() {
     let dns = DnsServer::start().await;
     let b1 = backend(ip(21), "b1").await;
