@@ -113,6 +113,80 @@ async fn sighup_adds_and_removes_routes_and_ignores_an_invalid_file() {
     assert_eq!(&buf, b"pong");
 }
 
+/// The log lines up to and including the first containing `needle`.
+fn lines_until(p: &Running, needle: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + HANG;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match p.lines.recv_timeout(left) {
+            Ok(l) => {
+                let done = l.contains(needle);
+                seen.push(l);
+                if done {
+                    return seen;
+                }
+            }
+            Err(_) => panic!("no log line containing {needle:?} after {seen:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_applies_a_changed_route_and_resolver_and_warns_of_restart_only_settings() {
+    let c1 = backend(ip(33), "c1").await;
+    let port = c1.addr.port();
+    let _c2 = backend_on(SocketAddr::new(ip(34), port), "c2").await;
+    let _c3 = backend_on(SocketAddr::new(ip(35), port), "c3").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.33 c.test\n127.0.0.34 c2.test\n").unwrap();
+    let moved = dir.path().join("hosts2");
+    std::fs::write(&moved, "127.0.0.35 c2.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let write = |alias: &str, hosts: &Path, extra: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}{}{extra}",
+                route("c", "127.0.0.36:0", alias, port),
+                tail(hosts)
+            ),
+        )
+        .unwrap();
+    };
+    write("c.test", &hosts, "");
+    let p = Running::spawn(&cfg);
+    let c = listening(&p, "c");
+    assert_eq!(id_via(c).await, "c1");
+    let restart_only = "only after a restart";
+
+    // The route's alias changes on the same listener.
+    write("c2.test", &hosts, "");
+    p.signal("HUP");
+    let lines = lines_until(&p, "configuration reloaded");
+    assert!(
+        lines.iter().any(|l| l.contains("route changed")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
+    assert_eq!(id_via(c).await, "c2");
+
+    // The resolver's hosts file changes.
+    write("c2.test", &moved, "");
+    p.signal("HUP");
+    let lines = lines_until(&p, "configuration reloaded");
+    assert!(!lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
+    assert_eq!(id_via(c).await, "c3");
+
+    // A setting that needs a restart: said so, and the routes keep serving.
+    write("c2.test", &moved, "[runtime]\nworker_threads = 1\n");
+    p.signal("HUP");
+    let lines = lines_until(&p, "configuration reloaded");
+    assert!(lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
+    assert_eq!(id_via(c).await, "c3");
+}
+
 /// Receives one sd_notify datagram; the timeout only stops a hang.
 async fn notified(sock: &UnixDatagram) -> String {
     let mut buf = vec![0u8; 4096];
