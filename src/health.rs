@@ -301,6 +301,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_table_forgets_up_addresses_only_once_it_is_full() {
+        let h = Health::new(Duration::from_secs(1));
+        let now = Instant::now();
+        let addr = |i: usize| SocketAddr::from(([127, 1, (i / 256) as u8, (i % 256) as u8], 80));
+        let last_error = |a| h.status(&[a])[0].last_error;
+        let down = addr(0);
+        h.mark_down(down, now, "refused");
+        // An up address with something to remember: one failed probe of
+        // the five that would mark it down.
+        let up = addr(1);
+        assert_eq!(h.probed(up, Some("timeout"), 5, 1, now), None);
+        for i in 2..MAX_ADDRS {
+            h.plan(vec![addr(i)], Order::Listed, now);
+        }
+        assert_eq!(
+            last_error(up),
+            Some("timeout"),
+            "forgotten while there was room"
+        );
+        // A known address on a full table adds nothing and forgets nothing.
+        h.plan(vec![addr(5)], Order::Listed, now);
+        assert_eq!(last_error(up), Some("timeout"));
+        // A new one on a full table: the up addresses go, the down one stays.
+        h.plan(vec![addr(MAX_ADDRS)], Order::Listed, now);
+        assert_eq!(last_error(up), None);
+        assert!(h.is_down(down));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn probes_flip_after_consecutive_results() {
         let h = Health::new(Duration::from_secs(1));
