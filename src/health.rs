@@ -302,6 +302,24 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn retain_forgets_up_addresses_gone_from_the_answer() {
+        let h = Health::new(Duration::from_secs(1));
+        let now = Instant::now();
+        let [kept, gone, down] = [1, 2, 3].map(|i| SocketAddr::from(([127, 0, 0, i], 80)));
+        for a in [kept, gone] {
+            assert_eq!(h.probed(a, Some("timeout"), 5, 1, now), None);
+        }
+        h.mark_down(down, now, "refused");
+        h.retain(&[kept]);
+        assert_eq!(h.status(&[kept])[0].last_error, Some("timeout"));
+        // Back in a later answer, a forgotten address starts afresh.
+        assert_eq!(h.status(&[gone])[0].last_error, None);
+        // A down address is kept: its retry back-off must survive an answer
+        // that drops it for a while.
+        assert!(h.is_down(down));
+    }
+
+    #[test]
     fn the_table_forgets_up_addresses_only_once_it_is_full() {
         let h = Health::new(Duration::from_secs(1));
         let now = Instant::now();
