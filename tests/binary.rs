@@ -161,6 +161,57 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
     assert_eq!(attempts_of(&f), [(dead.to_string(), "refused".to_string())]);
 }
 
+/// Pipes the process `pid` holds open.
+fn pipes_of(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("list the proxy's descriptors")
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.to_string_lossy().starts_with("pipe:"))
+        .count()
+}
+
+/// 4 MiB through the proxy at `addr` and back, checked byte for byte.
+async fn echo_bulk(addr: std::net::SocketAddr) {
+    let (_, s) = within("served", served_by(addr)).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    within("echo", r.read_to_end(&mut back)).await.unwrap();
+    writer.await.unwrap();
+    assert!(back == data, "echo differs: {} bytes back", back.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_copy_moves_bulk_data_without_pipes_and_splice_with_them() {
+    let b = backend(ip(37), "b").await;
+    for (relay, piped) in [("copy", false), ("splice", true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(
+            dir.path(),
+            ip(37),
+            b.addr.port(),
+            &format!("[runtime]\nrelay = \"{relay}\"\n"),
+        );
+        let p = Running::spawn(&cfg);
+        let addr = listen_addr(&p.wait_line("\"listening\""));
+        // Its standard streams may be pipes already (stderr is, here).
+        let before = pipes_of(p.child.id());
+        echo_bulk(addr).await;
+        // The splice path keeps its emptied pipes pooled for the next burst.
+        let after = pipes_of(p.child.id());
+        assert_eq!(
+            after > before,
+            piped,
+            "relay = {relay}: {before} pipes, then {after}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_timeout_bounds_the_wait_for_open_connections() {
     let b = backend(ip(52), "b").await;
