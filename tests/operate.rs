@@ -303,6 +303,43 @@ async fn readyz_follows_active_health_and_status_shows_it() {
     .await;
 }
 
+/// The status code of `method path` on the admin endpoint.
+async fn status_of(admin: SocketAddr, method: &str, path: &str) -> u16 {
+    within("admin response", async {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(
+            format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.unwrap();
+        let head = String::from_utf8_lossy(&raw);
+        head.split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("bad response {head:?}"))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_admin_endpoint_answers_get_and_head_only() {
+    let dns = DnsServer::start().await;
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"methods\"\nlisten = \"127.0.0.69:0\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\n{}",
+        resolver_toml(dns.addr, None)
+    )));
+    let admin = proxy.admin.unwrap();
+    assert_eq!(status_of(admin, "GET", "/healthz").await, 200);
+    assert_eq!(status_of(admin, "HEAD", "/healthz").await, 200);
+    assert_eq!(status_of(admin, "HEAD", "/metrics").await, 200);
+    for method in ["POST", "PUT", "DELETE"] {
+        assert_eq!(status_of(admin, method, "/healthz").await, 405, "{method}");
+    }
+}
+
 #[tokio::test]
 async fn readyz_is_503_while_an_alias_does_not_resolve() {
     let dns = DnsServer::start().await;
