@@ -817,5 +817,11 @@ mod tests {
         assert!(!coarse.is_recent_at(at(t as u64 + 3, 1)));
         // A change time ahead of the clock proves nothing.
         assert!(fine.is_recent_at(at(t as u64 - 60, 0)));
+        // One time with zero nanoseconds is chance, not a coarse filesystem.
+        let mixed = FileStamp {
+            ctime: (t, 0),
+            ..fine
+        };
+        assert!(!mixed.is_recent_at(at(t as u64, 301)));
     }
 }
