@@ -188,6 +188,27 @@ async fn attempt_delay_zero_tries_one_address_at_a_time() {
 }
 
 #[tokio::test]
+async fn an_ipv6_answer_from_dns_is_dialled() {
+    // The default family asks for A and AAAA records; an alias with only an
+    // AAAA record is served over IPv6.
+    let Ok(probe) = std::net::TcpListener::bind("[::1]:0") else {
+        eprintln!("skipped: this host has no ::1 to test IPv6 with");
+        return;
+    };
+    drop(probe);
+    let dns = DnsServer::start().await;
+    let b = backend_on("[::1]:0".parse().unwrap(), "v6").await;
+    dns.records("v6.test", &["::1".parse().unwrap()]);
+    let proxy = start(config(&route_toml(
+        "v6.test",
+        b.addr.port(),
+        "",
+        &resolver_toml(dns.addr, None),
+    )));
+    assert_eq!(id_via(proxy.addr()).await, "v6");
+}
+
+#[tokio::test]
 async fn round_robin_rotates_over_every_address() {
     let dns = DnsServer::start().await;
     let b1 = backend(ip(21), "b1").await;
