@@ -126,3 +126,60 @@ pub async fn splice_burst(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Both ends of one loopback connection.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (c, s)
+    }
+
+    #[tokio::test]
+    async fn bursts_move_every_byte_and_then_report_the_end_of_stream() {
+        let (mut writer, src) = pair().await;
+        let (dst, mut reader) = pair().await;
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let write = tokio::spawn(async move {
+            writer.write_all(&sent).await.unwrap();
+            writer.shutdown().await.unwrap();
+        });
+        let read = tokio::spawn(async move {
+            let mut got = Vec::new();
+            reader.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        let pipe = Pipe::take().unwrap();
+        let mut moved = 0;
+        let relay = async {
+            loop {
+                src.readable().await.unwrap();
+                match splice_burst(&src, &dst, &pipe, |n| moved += n).await {
+                    Ok(Some(())) => {}
+                    Ok(None) => break,
+                    Err(Failed::Src(e) | Failed::Dst(e)) => panic!("splice failed: {e}"),
+                }
+                // A burst that returns without reading would leave the
+                // socket readable and this loop never waiting: yield, so
+                // the timeout below can end it.
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), relay)
+            .await
+            .expect("the end of stream reported");
+        drop(dst);
+        write.await.unwrap();
+        let got = read.await.unwrap();
+        assert_eq!(moved, data.len());
+        assert!(got == data, "{} bytes arrived of {}", got.len(), data.len());
+    }
+}
