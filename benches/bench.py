@@ -47,10 +47,20 @@ HOLE = "127.0.0.3"
 FIRST = {"refused": REFUSING, "hole": HOLE}
 
 
-def free_port(host="127.0.0.1", kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def free_ports(names, host="127.0.0.1"):
+    """A distinct free port per name: the probe sockets stay bound until all
+    are chosen, so the kernel cannot hand out one port twice (a run failed
+    with two routes given the same listen port)."""
+    socks = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind((host, 0))
+            socks.append(s)
+        return {n: s.getsockname()[1] for n, s in zip(names, socks)}
+    finally:
+        for s in socks:
+            s.close()
 
 
 def wait_port(port, host="127.0.0.1", timeout=10.0):
@@ -108,9 +118,8 @@ class Env:
 
     def __init__(self, procs, tmp):
         self.procs, self.tmp = procs, tmp
-        self.http_port = free_port()
-        self.iperf_port = free_port()
-        self.hold_port = free_port()
+        ports = free_ports(("http", "iperf", "hold"))
+        self.http_port, self.iperf_port, self.hold_port = ports["http"], ports["iperf"], ports["hold"]
         conf = tmp / "nginx.conf"
         conf.write_text(f"""
 worker_processes 1;
@@ -236,7 +245,7 @@ class HAProxy(Mode):
     name = "haproxy"
 
     def start(self, env, procs):
-        self.ports = {k: free_port() for k in ("http", "iperf", "hold", "refused", "hole")}
+        self.ports = free_ports(("http", "iperf", "hold", "refused", "hole"))
         cfg = env.tmp / "haproxy.cfg"
         timeout_connect = f"{ATTEMPT_DELAY_MS}ms"
         dyn = ""
@@ -338,7 +347,7 @@ relay = "{self.relay}"
 """
 
     def start(self, env, procs):
-        self.ports = {k: free_port() for k in ("http", "iperf", "hold", "refused", "hole")}
+        self.ports = free_ports(("http", "iperf", "hold", "refused", "hole"))
         cfg = env.tmp / f"{self.name}.toml"
         cfg.write_text(self.config(env, self.ports))
         self.proc = procs.start(self.name, [str(BIN), "run", "--config", str(cfg)])

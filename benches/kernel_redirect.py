@@ -149,7 +149,7 @@ class KernelRedirect(bench.Mode):
     name = "kernel-redirect"
 
     def start(self, env, procs):
-        self.ports = {"http": bench.free_port(), "iperf": bench.free_port()}
+        self.ports = bench.free_ports(("http", "iperf"))
         self.procs = []
         for svc, up in (("http", env.http_port), ("iperf", env.iperf_port)):
             p = subprocess.Popen([sys.executable, __file__, "--relay", str(self.ports[svc]), str(up)],
