@@ -123,15 +123,8 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
     let addr = listen_addr(&p.wait_line("\"listening\""));
 
     // Served by the second address: a WARN line, then the connection's line.
-    let (id, mut s) = within("served", served_by(addr)).await.unwrap();
+    let (id, client) = exchange(addr, b"abc").await;
     assert_eq!(id, "b67");
-    let client = s.local_addr().unwrap().to_string();
-    s.write_all(b"abc").await.unwrap();
-    let mut echo = [0u8; 3];
-    within("echo", s.read_exact(&mut echo)).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    within("end", s.read_to_end(&mut rest)).await.unwrap();
     let tried = vec![
         (dead.to_string(), "refused".to_string()),
         (live.to_string(), "ok".to_string()),
@@ -145,7 +138,7 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
     let (level, f) = log_fields(&p.wait_line("connection closed"));
     assert_eq!(level, "INFO");
     assert_eq!(f["route"], "cluster.test");
-    assert_eq!(f["client.addr"], client);
+    assert_eq!(f["client.addr"], client.to_string());
     assert_eq!(f["upstream.addr"], live.to_string());
     assert_eq!(attempts_of(&f), tried);
     assert_eq!(f["bytes.to_upstream"], 3);
@@ -170,22 +163,6 @@ fn pipes_of(pid: u32) -> usize {
         .count()
 }
 
-/// 4 MiB through the proxy at `addr` and back, checked byte for byte.
-async fn echo_bulk(addr: std::net::SocketAddr) {
-    let (_, s) = within("served", served_by(addr)).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let data: Vec<u8> = (0..4 << 20).map(|i: u32| (i % 251) as u8).collect();
-    let sent = data.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&sent).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut back = Vec::new();
-    within("echo", r.read_to_end(&mut back)).await.unwrap();
-    writer.await.unwrap();
-    assert!(back == data, "echo differs: {} bytes back", back.len());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_copy_moves_bulk_data_without_pipes_and_splice_with_them() {
     let b = backend(ip(37), "b").await;
@@ -201,7 +178,7 @@ async fn relay_copy_moves_bulk_data_without_pipes_and_splice_with_them() {
         let addr = listen_addr(&p.wait_line("\"listening\""));
         // Its standard streams may be pipes already (stderr is, here).
         let before = pipes_of(p.child.id());
-        echo_bulk(addr).await;
+        echo_bulk(addr, 4 << 20).await;
         // The splice path keeps its emptied pipes pooled for the next burst.
         let after = pipes_of(p.child.id());
         assert_eq!(

@@ -295,22 +295,40 @@ async fn every_address_down_resets_the_client_at_once() {
     assert_eq!(id_via(proxy.addr()).await, "b2");
 }
 
-#[tokio::test]
-async fn a_down_first_address_regains_its_place_after_retry_down_after() {
+/// How long the retry tests' proxies keep an address down.
+const RETRY: Duration = Duration::from_millis(400);
+
+/// A proxy whose alias lists a refusing address at 127.0.0.`first`, then
+/// backend `id` at 127.0.0.`second`, with `RETRY` as retry_down_after, no
+/// active probes and `order` (route TOML) for the order. The returned
+/// socket holds the refusing address: listening on it brings that server
+/// back.
+async fn refusing_then_live(
+    first: u8,
+    second: u8,
+    id: &str,
+    order: &str,
+) -> (DnsServer, tokio::net::TcpSocket, Backend, Proxy) {
     let dns = DnsServer::start().await;
-    let (hold, dead) = refusing(ip(31));
-    let _b2 = backend_on(std::net::SocketAddr::new(ip(32), dead.port()), "b2").await;
-    dns.records("cluster.test", &[ip(31), ip(32)]);
-    let retry = Duration::from_millis(400);
+    let (hold, dead) = refusing(ip(first));
+    let live = backend_on(std::net::SocketAddr::new(ip(second), dead.port()), id).await;
+    dns.records("cluster.test", &[ip(first), ip(second)]);
     let proxy = start(config(&format!(
-        "{}\n[health]\nretry_down_after = \"400ms\"\ninterval = \"0s\"\n",
+        "{}\n[health]\nretry_down_after = \"{}ms\"\ninterval = \"0s\"\n",
         route_toml(
             "cluster.test",
             dead.port(),
-            "",
+            order,
             &resolver_toml(dns.addr, None)
-        )
+        ),
+        RETRY.as_millis()
     )));
+    (dns, hold, live, proxy)
+}
+
+#[tokio::test]
+async fn a_down_first_address_regains_its_place_after_retry_down_after() {
+    let (_dns, hold, _b2, proxy) = refusing_then_live(31, 32, "b2", "").await;
     assert_eq!(id_via(proxy.addr()).await, "b2");
     let marked = Instant::now();
     // The first server comes back at once, but it is known down: until its
@@ -318,12 +336,12 @@ async fn a_down_first_address_regains_its_place_after_retry_down_after() {
     let _b1 = serve_backend(hold.listen(16).unwrap(), "b1");
     assert_eq!(id_via(proxy.addr()).await, "b2");
     assert!(
-        marked.elapsed() < retry,
+        marked.elapsed() < RETRY,
         "test too slow to observe the down state"
     );
     // The retry is due once retry_down_after has passed: that is the event
     // this test waits for.
-    tokio::time::sleep_until((marked + retry).into()).await;
+    tokio::time::sleep_until((marked + RETRY).into()).await;
     assert_eq!(id_via(proxy.addr()).await, "b1");
     assert_eq!(id_via(proxy.addr()).await, "b1");
 }
@@ -334,20 +352,7 @@ async fn a_retry_a_connection_did_not_need_passes_to_the_next_one() {
     // A connection that claims its retry there is served by the first
     // address and never makes it: the retry must go to the next connection,
     // or the recovered server is never tried again.
-    let dns = DnsServer::start().await;
-    let (hold, dead) = refusing(ip(95));
-    let _a = backend_on(std::net::SocketAddr::new(ip(96), dead.port()), "a").await;
-    dns.records("cluster.test", &[ip(95), ip(96)]);
-    let retry = Duration::from_millis(400);
-    let proxy = start(config(&format!(
-        "{}\n[health]\nretry_down_after = \"400ms\"\ninterval = \"0s\"\n",
-        route_toml(
-            "cluster.test",
-            dead.port(),
-            "order = \"round-robin\"",
-            &resolver_toml(dns.addr, None)
-        )
-    )));
+    let (_dns, hold, _a, proxy) = refusing_then_live(95, 96, "a", "order = \"round-robin\"").await;
     // Connection 0 tries the first address, which refuses: marked down.
     assert_eq!(id_via(proxy.addr()).await, "a");
     let marked = Instant::now();
@@ -357,12 +362,12 @@ async fn a_retry_a_connection_did_not_need_passes_to_the_next_one() {
     assert_eq!(id_via(proxy.addr()).await, "a");
     assert_eq!(id_via(proxy.addr()).await, "a");
     assert!(
-        marked.elapsed() < retry,
+        marked.elapsed() < RETRY,
         "test too slow to observe the down state"
     );
     // The retry is due once retry_down_after has passed: that is the event
     // this test waits for.
-    tokio::time::sleep_until((marked + retry).into()).await;
+    tokio::time::sleep_until((marked + RETRY).into()).await;
     // Connection 3 lists the down address second and claims its retry, but
     // the first address serves it.
     assert_eq!(id_via(proxy.addr()).await, "a");

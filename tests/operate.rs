@@ -9,20 +9,7 @@ use std::net::SocketAddr;
 use std::process::Stdio;
 
 use common::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// One full exchange through the proxy: read the id line, echo a byte,
-/// close, and wait for the end.
-async fn exchange(proxy: SocketAddr) -> String {
-    let (id, mut s) = within("served", served_by(proxy)).await.expect("served");
-    s.write_all(b"x").await.unwrap();
-    let mut b = [0u8; 1];
-    within("echo", s.read_exact(&mut b)).await.unwrap();
-    s.shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    within("close", s.read_to_end(&mut rest)).await.unwrap();
-    id
-}
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test]
 async fn a_scrape_after_failover_shows_the_counters_with_their_labels() {
@@ -44,7 +31,7 @@ async fn a_scrape_after_failover_shows_the_counters_with_their_labels() {
     let proxy = start(cfg);
     let admin = proxy.admin.expect("admin endpoint");
     for _ in 0..3 {
-        assert_eq!(exchange(proxy.addrs[0]).await, "b72");
+        assert_eq!(exchange(proxy.addrs[0], b"x").await.0, "b72");
     }
     assert_reset(proxy.addrs[1]).await;
     assert_reset(proxy.addrs[2]).await;
@@ -303,27 +290,6 @@ async fn readyz_follows_active_health_and_status_shows_it() {
     .await;
 }
 
-/// The status code of `method path` on the admin endpoint.
-async fn status_of(admin: SocketAddr, method: &str, path: &str) -> u16 {
-    within("admin response", async {
-        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-        s.write_all(
-            format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut raw = Vec::new();
-        s.read_to_end(&mut raw).await.unwrap();
-        let head = String::from_utf8_lossy(&raw);
-        head.split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or_else(|| panic!("bad response {head:?}"))
-    })
-    .await
-}
-
 #[tokio::test]
 async fn the_admin_endpoint_answers_get_and_head_only() {
     let dns = DnsServer::start().await;
@@ -332,11 +298,15 @@ async fn the_admin_endpoint_answers_get_and_head_only() {
         resolver_toml(dns.addr, None)
     )));
     let admin = proxy.admin.unwrap();
-    assert_eq!(status_of(admin, "GET", "/healthz").await, 200);
-    assert_eq!(status_of(admin, "HEAD", "/healthz").await, 200);
-    assert_eq!(status_of(admin, "HEAD", "/metrics").await, 200);
+    assert_eq!(http_request(admin, "GET", "/healthz").await.0, 200);
+    assert_eq!(http_request(admin, "HEAD", "/healthz").await.0, 200);
+    assert_eq!(http_request(admin, "HEAD", "/metrics").await.0, 200);
     for method in ["POST", "PUT", "DELETE"] {
-        assert_eq!(status_of(admin, method, "/healthz").await, 405, "{method}");
+        assert_eq!(
+            http_request(admin, method, "/healthz").await.0,
+            405,
+            "{method}"
+        );
     }
 }
 

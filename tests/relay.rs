@@ -187,21 +187,7 @@ async fn max_connections_resets_the_excess_and_frees_the_slot() {
 async fn bulk_data_arrives_intact_both_ways() {
     let b = backend(ip(47), "b").await;
     let proxy = proxy_to(b.addr, "");
-    let (_, s) = within("connect", served_by(proxy.addr())).await.unwrap();
-    let (mut r, mut w) = s.into_split();
-    let data: Vec<u8> = (0..4_000_000u32)
-        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
-        .collect();
-    let expected = data.clone();
-    let writer = tokio::spawn(async move {
-        w.write_all(&data).await.unwrap();
-        w.shutdown().await.unwrap();
-    });
-    let mut echoed = Vec::new();
-    within("echo", r.read_to_end(&mut echoed)).await.unwrap();
-    writer.await.unwrap();
-    assert_eq!(echoed.len(), expected.len());
-    assert!(echoed == expected, "echoed bytes differ");
+    echo_bulk(proxy.addr(), 4_000_000).await;
 }
 
 #[tokio::test]

@@ -113,25 +113,6 @@ async fn sighup_adds_and_removes_routes_and_ignores_an_invalid_file() {
     assert_eq!(&buf, b"pong");
 }
 
-/// The log lines up to and including the first containing `needle`.
-fn lines_until(p: &Running, needle: &str) -> Vec<String> {
-    let deadline = std::time::Instant::now() + HANG;
-    let mut seen = Vec::new();
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match p.lines.recv_timeout(left) {
-            Ok(l) => {
-                let done = l.contains(needle);
-                seen.push(l);
-                if done {
-                    return seen;
-                }
-            }
-            Err(_) => panic!("no log line containing {needle:?} after {seen:?}"),
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_applies_a_changed_route_and_resolver_and_warns_of_restart_only_settings() {
     let c1 = backend(ip(33), "c1").await;
@@ -164,7 +145,7 @@ async fn sighup_applies_a_changed_route_and_resolver_and_warns_of_restart_only_s
     // The route's alias changes on the same listener.
     write("c2.test", &hosts, "");
     p.signal("HUP");
-    let lines = lines_until(&p, "configuration reloaded");
+    let lines = p.lines_until("configuration reloaded");
     assert!(
         lines.iter().any(|l| l.contains("route changed")),
         "{lines:?}"
@@ -175,14 +156,14 @@ async fn sighup_applies_a_changed_route_and_resolver_and_warns_of_restart_only_s
     // The resolver's hosts file changes.
     write("c2.test", &moved, "");
     p.signal("HUP");
-    let lines = lines_until(&p, "configuration reloaded");
+    let lines = p.lines_until("configuration reloaded");
     assert!(!lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
     assert_eq!(id_via(c).await, "c3");
 
     // A setting that needs a restart: said so, and the routes keep serving.
     write("c2.test", &moved, "[runtime]\nworker_threads = 1\n");
     p.signal("HUP");
-    let lines = lines_until(&p, "configuration reloaded");
+    let lines = p.lines_until("configuration reloaded");
     assert!(lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
     assert_eq!(id_via(c).await, "c3");
 }

@@ -336,10 +336,18 @@ pub fn start(cfg: Config) -> Proxy {
 
 /// A plain HTTP/1.1 GET; returns the status code and the body.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_request(addr, "GET", path).await
+}
+
+/// `method path` with an empty body; returns the status code and the body.
+pub async fn http_request(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     within("http response", async {
         let mut s = TcpStream::connect(addr).await.expect("connect admin");
         s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: test\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await
         .expect("send request");
@@ -355,6 +363,42 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         (code, body.to_string())
     })
     .await
+}
+
+/// One full exchange through the proxy: read the id line, send `payload`
+/// and read its echo, close, and wait for the end. Returns the id and the
+/// client's own address.
+pub async fn exchange(proxy: SocketAddr, payload: &[u8]) -> (String, SocketAddr) {
+    let (id, mut s) = within("served", served_by(proxy)).await.expect("served");
+    let client = s.local_addr().expect("client address");
+    s.write_all(payload).await.unwrap();
+    let mut echo = vec![0u8; payload.len()];
+    within("echo", s.read_exact(&mut echo)).await.unwrap();
+    assert_eq!(echo, payload, "echo");
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    within("close", s.read_to_end(&mut rest)).await.unwrap();
+    (id, client)
+}
+
+/// `len` bytes through the proxy at `addr` to an echoing backend and back,
+/// written and read at once, checked byte for byte.
+pub async fn echo_bulk(addr: SocketAddr, len: u32) {
+    let (_, s) = within("served", served_by(addr)).await.unwrap();
+    let (mut r, mut w) = s.into_split();
+    let data: Vec<u8> = (0..len)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(&sent).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    within("echo", r.read_to_end(&mut back)).await.unwrap();
+    writer.await.unwrap();
+    assert_eq!(back.len(), data.len());
+    assert!(back == data, "echoed bytes differ");
 }
 
 /// The value of one series in a Prometheus text scrape.
@@ -493,13 +537,24 @@ impl Running {
 
     /// Waits for a log line containing `needle`; the timeout only stops a hang.
     pub fn wait_line(&self, needle: &str) -> String {
+        self.lines_until(needle).pop().expect("the matching line")
+    }
+
+    /// The log lines up to and including the first containing `needle`.
+    pub fn lines_until(&self, needle: &str) -> Vec<String> {
         let deadline = std::time::Instant::now() + HANG;
+        let mut seen = Vec::new();
         loop {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(l) if l.contains(needle) => return l,
-                Ok(_) => {}
-                Err(_) => panic!("no log line containing {needle:?}"),
+                Ok(l) => {
+                    let done = l.contains(needle);
+                    seen.push(l);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => panic!("no log line containing {needle:?} after {seen:?}"),
             }
         }
     }
