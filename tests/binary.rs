@@ -266,6 +266,18 @@ async fn invalid_config_exits_2_with_one_line_per_problem() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // Named by the variable instead: the same, and the error says who named it.
+    let absent = dir.path().join("absent-too.toml");
+    let out = bin()
+        .env("FAILOVER_PROXY_CONFIG", &absent)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&*absent.to_string_lossy()) && err.contains("named by FAILOVER_PROXY_CONFIG"),
+        "{err}"
+    );
     let out = bin().arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -146,6 +146,16 @@ fn alias_must_be_a_hostname_or_ip() {
     ] {
         assert!(Alias::parse(good).is_ok(), "{good} should be accepted");
     }
+    // RFC 1035's limits: 63 characters a label, 253 a name (without the
+    // trailing dot), each allowed exactly and refused one above.
+    let label_63 = format!("{}.example", "a".repeat(63));
+    let three_labels = vec!["a".repeat(63); 3].join(".");
+    let name_253 = format!("{three_labels}.{}", "b".repeat(61));
+    let name_254 = format!("{three_labels}.{}", "b".repeat(62));
+    assert_eq!(name_253.len(), 253);
+    for good in [&label_63, &name_253, &format!("{name_253}.")] {
+        assert!(Alias::parse(good).is_ok(), "{good} should be accepted");
+    }
     let long_label = format!("{}.example", "a".repeat(64));
     for bad in [
         "",
@@ -156,6 +166,7 @@ fn alias_must_be_a_hostname_or_ip() {
         "space name",
         "ünïcode.example",
         long_label.as_str(),
+        name_254.as_str(),
     ] {
         assert!(Alias::parse(bad).is_err(), "{bad:?} should be rejected");
     }
@@ -176,6 +187,45 @@ fn non_loopback_listen_needs_allow_non_loopback() {
         );
         Ok(())
     });
+    // The admin endpoint has its own switch: a pod's Prometheus scrapes it
+    // from outside, while the routes stay on loopback.
+    Jail::expect_with(|jail| {
+        let admin = "[admin]\nlisten = \"0.0.0.0:9464\"\n";
+        jail.create_file("no.toml", &format!("{ROUTE}{admin}"))?;
+        let e = load_file(jail, "no.toml").expect_err("must be refused");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "admin.listen");
+        assert!(p[0].2.contains("allow_non_loopback"), "{p:?}");
+        jail.create_file(
+            "yes.toml",
+            &format!("{ROUTE}{admin}allow_non_loopback = true\n"),
+        )?;
+        let c = load_file(jail, "yes.toml").map_err(|e| e.to_string())?;
+        assert_eq!(c.admin.listen, Some("0.0.0.0:9464".parse().unwrap()));
+        Ok(())
+    });
+}
+
+#[test]
+fn the_config_file_comes_from_the_flag_then_the_variable_then_the_default() {
+    use std::path::Path;
+    let named = |p: &str, how: &str| ConfigPath::Named(PathBuf::from(p), how.into());
+    assert_eq!(
+        config::config_path(Some(Path::new("/a.toml")), Some("/b.toml".into())),
+        named("/a.toml", "--config")
+    );
+    assert_eq!(
+        config::config_path(None, Some("/b.toml".into())),
+        named("/b.toml", "FAILOVER_PROXY_CONFIG")
+    );
+    // Set but empty, as `FAILOVER_PROXY_CONFIG=` in a unit file: unset.
+    for unset in [None, Some("".into())] {
+        assert_eq!(
+            config::config_path(None, unset),
+            ConfigPath::Default(PathBuf::from("/etc/failover-proxy/failover-proxy.toml"))
+        );
+    }
 }
 
 #[test]

@@ -554,3 +554,71 @@ async fn a_connection_never_takes_the_answer_of_a_query_asked_before_it_arrived(
     }
     assert_ne!(later, vec![ip(101)], "the ignored first query was answered");
 }
+
+#[tokio::test]
+async fn family_narrows_each_source_and_never_reorders_it() {
+    use failover_proxy::config::{Alias, Family, ResolverConfig};
+    use failover_proxy::resolve::{ResolveError, Resolver};
+    use std::net::IpAddr;
+
+    let dns = DnsServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(
+        &hosts,
+        "127.0.0.3 fam.test\n::1 fam.test\n127.0.0.2 fam.test\n127.0.0.3 only4.test\n",
+    )
+    .unwrap();
+    let v6: IpAddr = "::1".parse().unwrap();
+    // DNS has other answers for the hosts-file names: any address from them
+    // would show DNS was asked.
+    dns.records("fam.test", &[ip(4)]);
+    dns.records("only4.test", &[v6]);
+    dns.records("mixed.test", &[ip(3), v6, ip(2)]);
+    let addrs = |family, alias: &str| {
+        let resolver = Resolver::new(&ResolverConfig {
+            nameservers: vec![dns.addr],
+            hosts_file: Some(hosts.clone()),
+            family,
+            timeout: Duration::from_secs(2),
+            stale_on_error: None,
+        })
+        .expect("resolver");
+        let alias = Alias::parse(alias).unwrap();
+        async move { resolver.resolve(&alias).await.result }
+    };
+
+    let cases: [(Family, &str, Vec<IpAddr>); 9] = [
+        // Hosts lines: file order, v4 and v6 interleaved as written.
+        (Family::Any, "fam.test", vec![ip(3), v6, ip(2)]),
+        (Family::Ipv4, "fam.test", vec![ip(3), ip(2)]),
+        (Family::Ipv6, "fam.test", vec![v6]),
+        // DNS: A answers first, then AAAA.
+        (Family::Any, "mixed.test", vec![ip(3), ip(2), v6]),
+        (Family::Ipv4, "mixed.test", vec![ip(3), ip(2)]),
+        (Family::Ipv6, "mixed.test", vec![v6]),
+        // IP literals.
+        (Family::Any, "::1", vec![v6]),
+        (Family::Ipv6, "::1", vec![v6]),
+        (Family::Ipv4, "127.0.0.3", vec![ip(3)]),
+    ];
+    for (family, alias, want) in cases {
+        let got = addrs(family, alias).await;
+        assert_eq!(got.expect(alias).addrs, want, "{alias} with {family:?}");
+    }
+
+    // Filtered to nothing: no records, and the hosts file still decides
+    // (DNS's AAAA answer for only4.test is not used).
+    let queries = dns.queries();
+    for (family, alias) in [
+        (Family::Ipv6, "only4.test"),
+        (Family::Ipv4, "::1"),
+        (Family::Ipv6, "127.0.0.3"),
+    ] {
+        match addrs(family, alias).await {
+            Err(ResolveError::NoRecords { .. }) => {}
+            other => panic!("{alias} with {family:?}: {other:?}"),
+        }
+    }
+    assert_eq!(dns.queries(), queries, "DNS asked for a hosts-file name");
+}
