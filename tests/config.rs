@@ -315,6 +315,56 @@ fn missing_named_file_and_missing_routes_are_errors() {
         let e = config::load(&ConfigPath::Default(jail.directory().join("absent.toml")))
             .expect_err("no route at all");
         assert_eq!(e.problems[0].key, "route");
+        // An empty array is no route either, whoever set it.
+        jail.create_file("empty.toml", "route = []\n")?;
+        let e = load_file(jail, "empty.toml").expect_err("an empty route array");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "route");
+        assert!(p[0].1.contains("empty.toml"), "{p:?}");
+        jail.set_env("FAILOVER_PROXY_ROUTE", "[]");
+        let e = config::load(&ConfigPath::Default(jail.directory().join("absent.toml")))
+            .expect_err("an empty route variable");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].1, "environment variable FAILOVER_PROXY_ROUTE");
+        Ok(())
+    });
+}
+
+#[test]
+fn a_route_without_a_required_key_is_refused_naming_the_key() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            "[[route]]\nname = \"empty\"\n\n[[route]]\nlisten = \"127.0.0.1:41001\"\nalias = \"b.example\"\n\n[[route]]\nlisten = 41002\nalias = 7\nport = \"https\"\n",
+        )?;
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        let p = problems(&e);
+        let keys: Vec<&str> = p.iter().map(|(k, _, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "route[0].listen",
+                "route[0].alias",
+                "route[0].port",
+                "route[1].port",
+                "route[2].listen",
+                "route[2].alias",
+                "route[2].port"
+            ],
+            "{p:?}"
+        );
+        for (key, source, message) in &p {
+            assert!(source.contains("c.toml"), "{key}: {source}");
+            // A key that is there with a wrong value is not "required".
+            let required = !key.starts_with("route[2]");
+            assert_eq!(
+                message.starts_with("is required"),
+                required,
+                "{key}: {message}"
+            );
+        }
         Ok(())
     });
 }
