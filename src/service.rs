@@ -28,10 +28,6 @@ pub fn reloading() {
     }
 }
 
-pub fn status(text: &str) {
-    send(&[NotifyState::Status(text)], "STATUS");
-}
-
 fn send(states: &[NotifyState], what: &str) {
     if std::env::var_os("NOTIFY_SOCKET").is_none() {
         return;

@@ -211,6 +211,41 @@ async fn drain_timeout_bounds_the_wait_for_open_connections() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_log_wins_over_log_level_when_set_and_not_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config_admin(dir.path(), ip(37), 1, "", "");
+    // log.level = "error" hides the INFO "listening" line unless RUST_LOG
+    // lets it through.
+    let p = Running::spawn_with(
+        bin()
+            .arg("-c")
+            .arg(&cfg)
+            .env("FAILOVER_PROXY_LOG__LEVEL", "error")
+            .env("RUST_LOG", "info"),
+    );
+    p.wait_line("\"listening\"");
+    // Set but empty, as `Environment=RUST_LOG=` leaves it: log.level rules.
+    let p = Running::spawn_with(
+        bin()
+            .arg("-c")
+            .arg(&cfg)
+            .env("FAILOVER_PROXY_LOG__LEVEL", "info")
+            .env("RUST_LOG", ""),
+    );
+    p.wait_line("\"listening\"");
+    // A filter that does not parse is a configuration error, named.
+    let out = bin()
+        .arg("-c")
+        .arg(&cfg)
+        .env("RUST_LOG", "info,=[")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RUST_LOG"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_address_in_use_exits_1_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap();

@@ -5,6 +5,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use common::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -290,16 +291,24 @@ async fn watchdog_is_pinged_when_systemd_asks_for_it() {
             .arg("-c")
             .arg(&cfg)
             .env("NOTIFY_SOCKET", &sock_path)
-            .env("WATCHDOG_USEC", "200000"),
+            .env("WATCHDOG_USEC", "1000000"),
     );
     let mut seen = Vec::new();
-    while seen
-        .iter()
-        .filter(|m: &&String| m.trim() == "WATCHDOG=1")
-        .count()
-        < 2
-    {
-        seen.push(notified(&sock).await);
+    let mut pings = Vec::new();
+    while pings.len() < 3 {
+        let m = notified(&sock).await;
+        if m.trim() == "WATCHDOG=1" {
+            pings.push(Instant::now());
+        }
+        seen.push(m);
     }
     assert!(seen.iter().any(|m| m.trim() == "READY=1"), "{seen:?}");
+    // systemd kills the service when a whole period passes without a ping;
+    // pinging at half the period leaves the other half as margin.
+    for gap in pings.windows(2).map(|w| w[1] - w[0]) {
+        assert!(
+            gap < Duration::from_secs(1),
+            "a period without a ping: {gap:?}"
+        );
+    }
 }
