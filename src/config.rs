@@ -21,6 +21,8 @@ use serde::de::DeserializeOwned;
 pub const ENV_PREFIX: &str = "FAILOVER_PROXY_";
 /// The variable naming the config file; not itself a config key.
 pub const CONFIG_PATH_VAR: &str = "FAILOVER_PROXY_CONFIG";
+/// `runtime.worker_threads` above this is taken for a typo.
+pub const MAX_WORKER_THREADS: usize = 1024;
 /// Where the config file is looked for when nothing names one.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/failover-proxy/failover-proxy.toml";
 
@@ -502,8 +504,23 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
     let runtime = {
         let d = r.section(top, "runtime");
         r.unknown_keys(d, "runtime", &["worker_threads", "relay"]);
+        let mut worker_threads: usize = r.get(d, "runtime", "worker_threads").unwrap_or(0);
+        // The runtime starts every worker before it binds, so a typo such
+        // as 100000 would spend minutes and gigabytes starting threads.
+        if worker_threads > MAX_WORKER_THREADS {
+            r.problem(
+                d,
+                "runtime",
+                "worker_threads",
+                None,
+                format!(
+                    "{worker_threads} is too many: 0 (one per CPU core) to {MAX_WORKER_THREADS}"
+                ),
+            );
+            worker_threads = 0;
+        }
         RuntimeConfig {
-            worker_threads: r.get(d, "runtime", "worker_threads").unwrap_or(0),
+            worker_threads,
             relay: r
                 .choice(
                     d,

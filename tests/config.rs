@@ -67,6 +67,29 @@ fn defaults_follow_spec() {
 }
 
 #[test]
+fn worker_threads_past_the_limit_is_refused_not_started() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "ok.toml",
+            &format!("{ROUTE}\n[runtime]\nworker_threads = 1024\n"),
+        )?;
+        let c = load_file(jail, "ok.toml").map_err(|e| e.to_string())?;
+        assert_eq!(c.runtime.worker_threads, 1024);
+        // One zero too many: refused at load, before any thread starts.
+        jail.create_file(
+            "typo.toml",
+            &format!("{ROUTE}\n[runtime]\nworker_threads = 1025\n"),
+        )?;
+        let e = load_file(jail, "typo.toml").expect_err("must fail");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "runtime.worker_threads");
+        assert!(p[0].2.contains("1025") && p[0].2.contains("1024"), "{p:?}");
+        Ok(())
+    });
+}
+
+#[test]
 fn unknown_key_is_named_with_its_file() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", &format!("{ROUTE}\n[resolver]\ntimout = \"2s\"\n"))?;
