@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::{Arc, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -10,11 +10,11 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{Semaphore, watch};
 
 use crate::listener::Current;
 
@@ -35,13 +35,38 @@ impl AdminState {
     }
 }
 
+/// Bounds on the endpoint's own connections. The endpoint shares the
+/// process's descriptors with the proxied connections, so a stuck or
+/// hostile local client must not be able to hold them.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; more are closed as soon as accepted.
+    pub max_connections: usize,
+    /// A connection that has not sent a whole request head this long after
+    /// it opened, or after its last response, is closed.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    /// Prometheus holds one connection per scrape target; 64 leave room for
+    /// probes and people. 30 s outlasts any client that is still sending.
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Serves until `shutdown` turns true. Errors on one connection are logged
 /// at debug and never stop the endpoint.
 pub async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = tokio::select! {
             biased;
@@ -57,13 +82,23 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!(
+                max = limits.max_connections,
+                "admin: too many connections; closing a new one"
+            );
+            continue;
+        };
         let state = state.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, &req)) }
             });
             if let Err(e) = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.idle)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await
             {
@@ -179,4 +214,105 @@ fn status_json(state: &AdminState) -> serde_json::Value {
         })
         .collect();
     json!({ "version": crate::VERSION, "routes": routes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Stops a hang only.
+    const HANG: Duration = Duration::from_secs(20);
+
+    async fn endpoint(limits: Limits) -> (SocketAddr, watch::Sender<bool>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let state = Arc::new(AdminState {
+            metrics: metrics_exporter_prometheus::PrometheusBuilder::new()
+                .build_recorder()
+                .handle(),
+            routes: RwLock::new(Vec::new()),
+        });
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(serve(listener, state, limits, stop_rx));
+        (addr, stop)
+    }
+
+    /// One keep-alive request; the status line's code.
+    async fn healthz(s: &mut TcpStream) -> Option<u16> {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = [0u8; 512];
+        let n = tokio::time::timeout(HANG, s.read(&mut buf))
+            .await
+            .expect("a reply or a close")
+            .ok()?;
+        std::str::from_utf8(&buf[..n])
+            .ok()?
+            .get(9..12)?
+            .parse()
+            .ok()
+    }
+
+    /// Waits for the endpoint to close `s`; how long since `from` that was.
+    async fn closed(s: &mut TcpStream, from: tokio::time::Instant) -> Duration {
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(HANG, s.read(&mut buf))
+            .await
+            .expect("the endpoint kept the connection open");
+        assert!(matches!(n, Ok(0) | Err(_)), "unexpected bytes: {n:?}");
+        from.elapsed()
+    }
+
+    #[tokio::test]
+    async fn a_connection_idle_past_the_limit_is_closed_before_and_between_requests() {
+        let idle = Duration::from_millis(300);
+        let (addr, _stop) = endpoint(Limits {
+            max_connections: 8,
+            idle,
+        })
+        .await;
+        // The timer, not an immediate close: neither goes before `idle`
+        // (less a margin for the two clocks' rounding).
+        let least = idle - Duration::from_millis(50);
+        let opened = tokio::time::Instant::now();
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        assert!(closed(&mut silent, opened).await >= least);
+        // Idle after a response: the timer starts again.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut kept).await, Some(200));
+        let answered = tokio::time::Instant::now();
+        assert!(closed(&mut kept, answered).await >= least);
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_and_a_freed_slot_serves_again() {
+        let (addr, _stop) = endpoint(Limits {
+            max_connections: 2,
+            idle: Duration::from_secs(600),
+        })
+        .await;
+        let mut one = TcpStream::connect(addr).await.unwrap();
+        let mut two = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut one).await, Some(200));
+        assert_eq!(healthz(&mut two).await, Some(200));
+        // A third is closed unserved, long before the idle limit.
+        let mut three = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut three).await, None);
+        drop(one);
+        // The slot comes back once the endpoint has seen the close.
+        let deadline = tokio::time::Instant::now() + HANG;
+        loop {
+            let mut again = TcpStream::connect(addr).await.unwrap();
+            if healthz(&mut again).await == Some(200) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "slot never freed");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(healthz(&mut two).await, Some(200));
+    }
 }

@@ -227,7 +227,12 @@ impl Server {
             if let Ok(a) = l.local_addr() {
                 tracing::info!(listen = %a, "admin endpoint listening");
             }
-            tokio::spawn(admin::serve(l, st.clone(), admin_stop_rx));
+            tokio::spawn(admin::serve(
+                l,
+                st.clone(),
+                admin::Limits::default(),
+                admin_stop_rx,
+            ));
         }
         service::ready();
         let watchdog = service::spawn_watchdog();
