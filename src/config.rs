@@ -794,19 +794,14 @@ impl Reader<'_> {
         // An empty array too: a sidecar that serves nothing would start,
         // report ready, and refuse every client.
         if items.is_empty() {
-            let message = format!(
-                "no route is configured; add a [[route]] table to the file or set {ENV_PREFIX}ROUTE"
+            self.push(
+                top.get("route"),
+                "route".into(),
+                vec!["route".into()],
+                format!(
+                    "no route is configured; add a [[route]] table to the file or set {ENV_PREFIX}ROUTE"
+                ),
             );
-            match top.get("route") {
-                Some(empty) => {
-                    self.push(Some(empty), "route".into(), vec!["route".into()], message)
-                }
-                None => self.problems.push(Problem {
-                    key: "route".into(),
-                    source: "configuration".into(),
-                    message,
-                }),
-            }
         }
         let mut routes = Vec::new();
         let mut listens = HashSet::new();

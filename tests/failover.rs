@@ -326,6 +326,17 @@ async fn refusing_then_live(
     (dns, hold, live, proxy)
 }
 
+/// Waits until the retry of an address marked down at `marked` is due,
+/// having checked the test saw the down state before then. The proxy's
+/// own deadline is the event: nothing else signals it.
+async fn retry_due(marked: Instant) {
+    assert!(
+        marked.elapsed() < RETRY,
+        "test too slow to observe the down state"
+    );
+    tokio::time::sleep_until((marked + RETRY).into()).await;
+}
+
 #[tokio::test]
 async fn a_down_first_address_regains_its_place_after_retry_down_after() {
     let (_dns, hold, _b2, proxy) = refusing_then_live(31, 32, "b2", "").await;
@@ -335,13 +346,7 @@ async fn a_down_first_address_regains_its_place_after_retry_down_after() {
     // retry time the second keeps serving, without a new attempt on it.
     let _b1 = serve_backend(hold.listen(16).unwrap(), "b1");
     assert_eq!(id_via(proxy.addr()).await, "b2");
-    assert!(
-        marked.elapsed() < RETRY,
-        "test too slow to observe the down state"
-    );
-    // The retry is due once retry_down_after has passed: that is the event
-    // this test waits for.
-    tokio::time::sleep_until((marked + RETRY).into()).await;
+    retry_due(marked).await;
     assert_eq!(id_via(proxy.addr()).await, "b1");
     assert_eq!(id_via(proxy.addr()).await, "b1");
 }
@@ -361,13 +366,7 @@ async fn a_retry_a_connection_did_not_need_passes_to_the_next_one() {
     // moved to the back.
     assert_eq!(id_via(proxy.addr()).await, "a");
     assert_eq!(id_via(proxy.addr()).await, "a");
-    assert!(
-        marked.elapsed() < RETRY,
-        "test too slow to observe the down state"
-    );
-    // The retry is due once retry_down_after has passed: that is the event
-    // this test waits for.
-    tokio::time::sleep_until((marked + RETRY).into()).await;
+    retry_due(marked).await;
     // Connection 3 lists the down address second and claims its retry, but
     // the first address serves it.
     assert_eq!(id_via(proxy.addr()).await, "a");
@@ -488,15 +487,24 @@ async fn an_answer_pointing_at_the_proxy_itself_is_never_dialled() {
     );
 }
 
-fn dns_only_resolver(dns: std::net::SocketAddr) -> failover_proxy::resolve::Resolver {
+/// A resolver asking `dns`, after `hosts` if given, for `family` answers.
+fn resolver(
+    dns: std::net::SocketAddr,
+    hosts: Option<&std::path::Path>,
+    family: failover_proxy::config::Family,
+) -> failover_proxy::resolve::Resolver {
     failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
         nameservers: vec![dns],
-        hosts_file: None,
-        family: failover_proxy::config::Family::Ipv4,
+        hosts_file: hosts.map(std::path::Path::to_path_buf),
+        family,
         timeout: Duration::from_secs(2),
         stale_on_error: None,
     })
     .expect("resolver")
+}
+
+fn dns_only_resolver(dns: std::net::SocketAddr) -> failover_proxy::resolve::Resolver {
+    resolver(dns, None, failover_proxy::config::Family::Ipv4)
 }
 
 #[tokio::test]
@@ -557,8 +565,8 @@ async fn a_connection_never_takes_the_answer_of_a_query_asked_before_it_arrived(
 
 #[tokio::test]
 async fn family_narrows_each_source_and_never_reorders_it() {
-    use failover_proxy::config::{Alias, Family, ResolverConfig};
-    use failover_proxy::resolve::{ResolveError, Resolver};
+    use failover_proxy::config::{Alias, Family};
+    use failover_proxy::resolve::ResolveError;
     use std::net::IpAddr;
 
     let dns = DnsServer::start().await;
@@ -576,14 +584,7 @@ async fn family_narrows_each_source_and_never_reorders_it() {
     dns.records("only4.test", &[v6]);
     dns.records("mixed.test", &[ip(3), v6, ip(2)]);
     let addrs = |family, alias: &str| {
-        let resolver = Resolver::new(&ResolverConfig {
-            nameservers: vec![dns.addr],
-            hosts_file: Some(hosts.clone()),
-            family,
-            timeout: Duration::from_secs(2),
-            stale_on_error: None,
-        })
-        .expect("resolver");
+        let resolver = resolver(dns.addr, Some(&hosts), family);
         let alias = Alias::parse(alias).unwrap();
         async move { resolver.resolve(&alias).await.result }
     };
