@@ -1,5 +1,6 @@
 //! End to end against a real DNS server: dnsmasq from Debian serving the
-//! alias from an addn-hosts file with a one-hour TTL.
+//! alias from an addn-hosts file with a one-hour TTL, directly and through
+//! a CNAME.
 
 mod common;
 
@@ -62,6 +63,9 @@ impl Dnsmasq {
                     // Names under .test are answered here alone: an unknown
                     // one is NXDOMAIN, not REFUSED for want of an upstream.
                     "--local=/test/",
+                    // The vendor's alias as a CNAME to the name that holds
+                    // the servers' records.
+                    "--cname=vendor.test,cluster.test",
                 ])
                 .arg(format!("--port={port}"))
                 .arg(format!("--addn-hosts={}", hosts.display()))
@@ -136,24 +140,31 @@ async fn dnsmasq_answers_are_followed_and_refused_addresses_skipped() {
     std::fs::set_permissions(&zone, std::fs::Permissions::from_mode(0o644)).unwrap();
     let dns = Dnsmasq::start(dir.path(), &zone);
 
-    let proxy = start(config(&route_toml(
-        "cluster.test",
-        live.addr.port(),
-        "attempt_delay = \"5s\"",
-        &format!(
-            "nameservers = [\"127.0.0.1:{}\"]\nhosts_file = \"\"\nfamily = \"ipv4\"\n",
-            dns.port
-        ),
-    )));
+    let proxy_for = |alias: &str| {
+        start(config(&route_toml(
+            alias,
+            live.addr.port(),
+            "attempt_delay = \"5s\"",
+            &format!(
+                "nameservers = [\"127.0.0.1:{}\"]\nhosts_file = \"\"\nfamily = \"ipv4\"\n",
+                dns.port
+            ),
+        )))
+    };
+    let proxy = proxy_for("cluster.test");
+    let via_cname = proxy_for("vendor.test");
     // Two A records, one refusing: whatever order dnsmasq gives them in,
     // every connection is served by the live one.
     for _ in 0..3 {
         assert_eq!(id_via(proxy.addr()).await, "b62");
+        assert_eq!(id_via(via_cname.addr()).await, "b62");
     }
-    // The record changes (TTL 3600): the next connection follows it.
+    // The record changes (TTL 3600): the next connection follows it, also
+    // through the CNAME.
     std::fs::write(&zone, "127.0.0.63 cluster.test\n").unwrap();
     dns.reload(&zone);
     assert_eq!(id_via(proxy.addr()).await, "b63");
+    assert_eq!(id_via(via_cname.addr()).await, "b63");
     // The alias removed: NXDOMAIN reaches the client as a reset.
     std::fs::write(&zone, "127.0.0.63 other.test\n").unwrap();
     dns.reload(&zone);

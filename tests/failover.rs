@@ -623,3 +623,51 @@ async fn family_narrows_each_source_and_never_reorders_it() {
     }
     assert_eq!(dns.queries(), queries, "DNS asked for a hosts-file name");
 }
+
+#[tokio::test]
+async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
+    use failover_proxy::config::{Alias, Family};
+    use std::net::IpAddr;
+
+    let dns = DnsServer::start().await;
+    let v6: IpAddr = "::1".parse().unwrap();
+    dns.records("servers.test", &[ip(21), v6, ip(22)]);
+    // The vendor's alias is often a CNAME to the name that holds the
+    // servers' records: from a recursive resolver the chain and the
+    // records come in one answer; from an authoritative server for another
+    // zone, the CNAME comes alone and the target has to be asked for.
+    for (alias, chased) in [("chased.test", true), ("bare.test", false)] {
+        dns.set(
+            alias,
+            Behavior::Cname {
+                target: "servers.test".into(),
+                chased,
+            },
+        );
+        let resolver = resolver(dns.addr, None, Family::Any);
+        let parsed = Alias::parse(alias).unwrap();
+        let got = resolver.resolve(&parsed).await.result;
+        assert_eq!(got.expect(alias).addrs, vec![ip(21), ip(22), v6], "{alias}");
+        // No cache along the chain: a changed target is seen at once.
+        dns.records("servers.test", &[ip(23)]);
+        let got = resolver.resolve(&parsed).await.result;
+        assert_eq!(got.expect(alias).addrs, vec![ip(23)], "{alias}, changed");
+        dns.records("servers.test", &[ip(21), v6, ip(22)]);
+    }
+    // A CNAME to a name that does not exist is an NXDOMAIN: the
+    // connection is refused, and no stale answer stands in for it.
+    for (alias, chased) in [("dangling.test", true), ("dangling-bare.test", false)] {
+        dns.set(
+            alias,
+            Behavior::Cname {
+                target: "gone.test".into(),
+                chased,
+            },
+        );
+        let resolver = resolver(dns.addr, None, Family::Any);
+        match resolver.resolve(&Alias::parse(alias).unwrap()).await.result {
+            Err(failover_proxy::resolve::ResolveError::NxDomain { .. }) => {}
+            other => panic!("{alias}: {other:?}"),
+        }
+    }
+}

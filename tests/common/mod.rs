@@ -15,8 +15,8 @@ use failover_proxy::{Config, Control, Server, config};
 use figment::Figment;
 use figment::providers::{Format, Toml};
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME};
+use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
@@ -44,6 +44,14 @@ pub enum Behavior {
     Garbage,
     /// Answer with a well-formed message for another query id and name.
     Mismatched,
+    /// Answer with a CNAME to the target name. With `chased`, the target's
+    /// own records follow in the same answer, as a recursive resolver gives
+    /// them; without, the answer is the CNAME alone, as an authoritative
+    /// server gives it for a target outside its zone.
+    Cname {
+        target: String,
+        chased: bool,
+    },
     /// Ignore the first query; answer the n-th (n from 2, counting every
     /// query the server got) with 127.0.0.(base + n), so that each answer
     /// tells which query it was for.
@@ -84,12 +92,8 @@ impl DnsServer {
                     .to_ascii()
                     .trim_end_matches('.')
                     .to_ascii_lowercase();
-                let behavior = z
-                    .lock()
-                    .unwrap()
-                    .get(&name)
-                    .cloned()
-                    .unwrap_or(Behavior::NxDomain);
+                let zone = z.lock().unwrap().clone();
+                let behavior = zone.get(&name).cloned().unwrap_or(Behavior::NxDomain);
                 let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
                 resp.metadata.recursion_desired = req.metadata.recursion_desired;
                 resp.metadata.recursion_available = true;
@@ -127,13 +131,25 @@ impl DnsServer {
                     Behavior::NxDomain => resp.metadata.response_code = ResponseCode::NXDomain,
                     Behavior::ServFail => resp.metadata.response_code = ResponseCode::ServFail,
                     Behavior::Records(ips, ttl) => {
-                        for ip in ips {
-                            let rdata = match (ip, query.query_type()) {
-                                (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
-                                (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
-                                _ => continue,
-                            };
-                            resp.add_answer(Record::from_rdata(query.name().clone(), ttl, rdata));
+                        add_addresses(&mut resp, query.name(), query.query_type(), &ips, ttl);
+                    }
+                    Behavior::Cname { target, chased } => {
+                        let Ok(to) = Name::from_ascii(format!("{target}.")) else {
+                            continue;
+                        };
+                        resp.add_answer(Record::from_rdata(
+                            query.name().clone(),
+                            60,
+                            RData::CNAME(CNAME(to.clone())),
+                        ));
+                        match zone.get(&target) {
+                            Some(Behavior::Records(ips, ttl)) if chased => {
+                                add_addresses(&mut resp, &to, query.query_type(), ips, *ttl);
+                            }
+                            None if chased => {
+                                resp.metadata.response_code = ResponseCode::NXDomain;
+                            }
+                            _ => {}
                         }
                     }
                 }
@@ -168,6 +184,18 @@ impl DnsServer {
     /// Stops answering and closes the socket: the port is gone.
     pub fn stop(self) {
         self.task.abort();
+    }
+}
+
+/// Adds the records of `ips` that answer a query of type `qtype`, as `owner`.
+fn add_addresses(resp: &mut Message, owner: &Name, qtype: RecordType, ips: &[IpAddr], ttl: u32) {
+    for ip in ips {
+        let rdata = match (ip, qtype) {
+            (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
+            (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(*v6)),
+            _ => continue,
+        };
+        resp.add_answer(Record::from_rdata(owner.clone(), ttl, rdata));
     }
 }
 
