@@ -671,3 +671,98 @@ async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
         }
     }
 }
+
+/// A DNS server whose UDP answers are all truncated (TC set, no records),
+/// and which gives the whole answer over TCP on the same port: what a
+/// server does when the answer is larger than a UDP reply may be.
+async fn truncating_dns(ips: Vec<std::net::Ipv4Addr>) -> std::net::SocketAddr {
+    use hickory_proto::op::{Message, MessageType, OpCode};
+    use hickory_proto::rr::rdata::A;
+    use hickory_proto::rr::{RData, Record, RecordType};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn answer(req: &Message, ips: &[std::net::Ipv4Addr], whole: bool) -> Option<Vec<u8>> {
+        let query = req.queries.first()?.clone();
+        let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+        resp.metadata.recursion_desired = req.metadata.recursion_desired;
+        resp.metadata.recursion_available = true;
+        resp.add_query(query.clone());
+        if !whole {
+            resp.metadata.truncation = true;
+        } else if query.query_type() == RecordType::A {
+            for ip in ips {
+                resp.add_answer(Record::from_rdata(
+                    query.name().clone(),
+                    60,
+                    RData::A(A(*ip)),
+                ));
+            }
+        }
+        resp.to_vec().ok()
+    }
+
+    // The port is picked for UDP; another test may hold it for TCP.
+    let (udp, tcp) = loop {
+        let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        if let Ok(tcp) = tokio::net::TcpListener::bind(udp.local_addr().unwrap()).await {
+            break (udp, tcp);
+        }
+    };
+    let addr = udp.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
+            if let Some(bytes) = Message::from_vec(&buf[..n])
+                .ok()
+                .and_then(|req| answer(&req, &[], false))
+            {
+                let _ = udp.send_to(&bytes, from).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = tcp.accept().await {
+            let ips = ips.clone();
+            tokio::spawn(async move {
+                // Two-byte length, then the message, each way (RFC 1035 4.2.2).
+                while let Ok(len) = conn.read_u16().await {
+                    let mut msg = vec![0u8; usize::from(len)];
+                    if conn.read_exact(&mut msg).await.is_err() {
+                        return;
+                    }
+                    let Some(bytes) = Message::from_vec(&msg)
+                        .ok()
+                        .and_then(|req| answer(&req, &ips, true))
+                    else {
+                        return;
+                    };
+                    let len = u16::try_from(bytes.len()).unwrap();
+                    if conn.write_u16(len).await.is_err() || conn.write_all(&bytes).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_truncated_dns_answer_is_asked_again_over_tcp() {
+    use failover_proxy::config::{Alias, Family};
+
+    // 200 servers under one alias: 3.2 KB of A records, more than a UDP
+    // reply carries (1,232 bytes with EDNS, 512 without).
+    let ips: Vec<std::net::Ipv4Addr> = (1..=200)
+        .map(|n| std::net::Ipv4Addr::new(127, 1, 0, n))
+        .collect();
+    let dns = truncating_dns(ips.clone()).await;
+    let resolver = resolver(dns, None, Family::Ipv4);
+    let got = within(
+        "resolution over tcp",
+        resolver.resolve(&Alias::parse("big.test").unwrap()),
+    )
+    .await;
+    let want: Vec<std::net::IpAddr> = ips.into_iter().map(std::net::IpAddr::V4).collect();
+    assert_eq!(got.result.expect("resolved over tcp").addrs, want);
+}
