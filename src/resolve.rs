@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
     NameServerConfig, ResolveHosts, ResolverConfig as DnsConfig, ResolverOpts,
     ServerOrderingStrategy,
 };
+use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
@@ -159,7 +162,8 @@ pub enum BuildError {
 
 pub struct Resolver {
     hosts: Option<HostsFile>,
-    dns: TokioResolver,
+    /// One per nameserver, in the configured order.
+    dns: Vec<TokioResolver>,
     family: Family,
     timeout: Duration,
     stale_limit: Option<Duration>,
@@ -239,12 +243,27 @@ impl Resolver {
         // within it.
         opts.timeout = cfg.timeout;
         opts.attempts = 0;
-        let mut builder = hickory_resolver::Resolver::builder_with_config(
-            dns_cfg,
-            TokioRuntimeProvider::default(),
-        );
-        *builder.options_mut() = opts;
-        let dns = builder.build().map_err(BuildError::Build)?;
+        // One resolver per nameserver: hickory's pool of several gives up
+        // on the first SERVFAIL or REFUSED, and asks at most two servers
+        // within the timeout, so a third is never asked when the first two
+        // are silent. `lookup` asks them all itself.
+        let dns = dns_cfg
+            .name_servers()
+            .iter()
+            .map(|ns| {
+                let one = DnsConfig::from_parts(
+                    dns_cfg.domain().cloned(),
+                    dns_cfg.search().to_vec(),
+                    vec![ns.clone()],
+                );
+                let mut builder = hickory_resolver::Resolver::builder_with_config(
+                    one,
+                    TokioRuntimeProvider::default(),
+                );
+                *builder.options_mut() = opts.clone();
+                builder.build().map_err(BuildError::Build)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Resolver {
             hosts: cfg.hosts_file.as_deref().map(HostsFile::new),
             dns,
@@ -475,14 +494,14 @@ impl Resolver {
         let (a, aaaa) = tokio::join!(
             async {
                 if want_a {
-                    Some(self.dns.lookup(name, RecordType::A).await)
+                    Some(self.lookup(name, RecordType::A).await)
                 } else {
                     None
                 }
             },
             async {
                 if want_aaaa {
-                    Some(self.dns.lookup(name, RecordType::AAAA).await)
+                    Some(self.lookup(name, RecordType::AAAA).await)
                 } else {
                     None
                 }
@@ -529,6 +548,29 @@ impl Resolver {
                 source,
             }),
         }
+    }
+
+    /// Asks every nameserver at once. The first answer decides: records,
+    /// NXDOMAIN or no records. A failure (no reply, SERVFAIL, REFUSED)
+    /// decides only once every server has failed, as the system resolver
+    /// moves on to the next server after one.
+    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Lookup, NetError> {
+        if let [one] = &self.dns[..] {
+            return one.lookup(name, rtype).await;
+        }
+        let mut asks: FuturesUnordered<_> =
+            self.dns.iter().map(|r| r.lookup(name, rtype)).collect();
+        let mut failure = None;
+        while let Some(r) = asks.next().await {
+            match r {
+                // The first failure to come in is the one reported.
+                Err(e) if !e.is_no_records_found() => {
+                    failure.get_or_insert(e);
+                }
+                answer => return answer,
+            }
+        }
+        Err(failure.unwrap_or(NetError::NoConnections))
     }
 }
 

@@ -766,3 +766,64 @@ async fn a_truncated_dns_answer_is_asked_again_over_tcp() {
     let want: Vec<std::net::IpAddr> = ips.into_iter().map(std::net::IpAddr::V4).collect();
     assert_eq!(got.result.expect("resolved over tcp").addrs, want);
 }
+
+#[tokio::test]
+async fn every_nameserver_is_asked_until_one_answers() {
+    use failover_proxy::config::{Alias, Family, ResolverConfig};
+    use failover_proxy::resolve::ResolveError;
+
+    let server = |b: Behavior| async move {
+        let dns = DnsServer::start().await;
+        dns.set("cluster.test", b);
+        dns
+    };
+    let silent = server(Behavior::Silent).await;
+    let silent2 = server(Behavior::Silent).await;
+    let servfail = server(Behavior::ServFail).await;
+    let refused = server(Behavior::Refused).await;
+    let nxdomain = server(Behavior::NxDomain).await;
+    let good = server(Behavior::Records(vec![ip(31)], 60)).await;
+    let resolve = |nameservers: Vec<std::net::SocketAddr>| async move {
+        // Longer than HANG: an outcome that waited for a silent server's
+        // timeout stops the test instead of passing late.
+        let resolver = failover_proxy::resolve::Resolver::new(&ResolverConfig {
+            nameservers,
+            hosts_file: None,
+            family: Family::Ipv4,
+            timeout: HANG * 2,
+            stale_on_error: None,
+        })
+        .expect("resolver");
+        within(
+            "resolution",
+            resolver.resolve(&Alias::parse("cluster.test").unwrap()),
+        )
+        .await
+        .result
+    };
+
+    // The system resolver moves on to the next server after a SERVFAIL, a
+    // REFUSED or no reply; so does the proxy, for every server listed.
+    for (why, nameservers) in [
+        ("servfail first", vec![servfail.addr, good.addr]),
+        ("refused first", vec![refused.addr, good.addr]),
+        (
+            "two silent first",
+            vec![silent.addr, silent2.addr, good.addr],
+        ),
+    ] {
+        let got = resolve(nameservers).await;
+        assert_eq!(got.expect(why).addrs, vec![ip(31)], "{why}");
+    }
+    // NXDOMAIN is an answer: it decides without waiting for a silent server.
+    match resolve(vec![silent.addr, nxdomain.addr]).await {
+        Err(ResolveError::NxDomain { .. }) => {}
+        other => panic!("nxdomain behind a silent server: {other:?}"),
+    }
+    // Every server failed: the failure is reported as soon as the last one
+    // is in, without waiting out the timeout.
+    match resolve(vec![servfail.addr, refused.addr]).await {
+        Err(ResolveError::ServFail { .. } | ResolveError::Other { .. }) => {}
+        other => panic!("servfail and refused: {other:?}"),
+    }
+}

@@ -38,6 +38,7 @@ pub enum Behavior {
     Records(Vec<IpAddr>, u32),
     NxDomain,
     ServFail,
+    Refused,
     /// Never answer.
     Silent,
     /// Answer with bytes that are not a DNS message.
@@ -130,6 +131,7 @@ impl DnsServer {
                     }
                     Behavior::NxDomain => resp.metadata.response_code = ResponseCode::NXDomain,
                     Behavior::ServFail => resp.metadata.response_code = ResponseCode::ServFail,
+                    Behavior::Refused => resp.metadata.response_code = ResponseCode::Refused,
                     Behavior::Records(ips, ttl) => {
                         add_addresses(&mut resp, query.name(), query.query_type(), &ips, ttl);
                     }
