@@ -364,7 +364,7 @@ impl Server {
                         .resolver = Arc::new(r);
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "reload: cannot build the new resolver; keeping the running configuration");
+                    tracing::error!(error = %error_chain(&e), "reload: cannot build the new resolver; keeping the running configuration");
                     return;
                 }
             }

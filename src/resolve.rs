@@ -148,22 +148,34 @@ pub struct Resolution {
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error(
-        "cannot read the system dns configuration (/etc/resolv.conf); set resolver.nameservers"
-    )]
-    SystemConf(#[source] NetError),
-    #[error(
-        "no dns nameserver configured: resolver.nameservers is empty and /etc/resolv.conf names none"
-    )]
-    NoNameservers,
+    #[error("cannot read {}, the dns configuration used while resolver.nameservers is empty", path.display())]
+    ReadSystemConf {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot use {}, the dns configuration used while resolver.nameservers is empty", path.display())]
+    SystemConf {
+        path: PathBuf,
+        #[source]
+        source: NetError,
+    },
     #[error("cannot build the dns resolver")]
     Build(#[source] NetError),
 }
 
+impl BuildError {
+    fn read(path: &Path, source: io::Error) -> BuildError {
+        BuildError::ReadSystemConf {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 pub struct Resolver {
     hosts: Option<HostsFile>,
-    /// One per nameserver, in the configured order.
-    dns: Vec<TokioResolver>,
+    dns: Nameservers,
     family: Family,
     timeout: Duration,
     stale_limit: Option<Duration>,
@@ -208,13 +220,19 @@ impl Resolver {
     /// Builds the resolver once; every lookup then goes to the network (or
     /// the hosts file), since the DNS cache is off.
     pub fn new(cfg: &ResolverConfig) -> Result<Resolver, BuildError> {
-        let (dns_cfg, mut opts) = if cfg.nameservers.is_empty() {
-            let (c, o) = hickory_resolver::system_conf::read_system_conf()
-                .map_err(BuildError::SystemConf)?;
-            if c.name_servers().is_empty() {
-                return Err(BuildError::NoNameservers);
-            }
-            (c, o)
+        Resolver::with_system_conf(cfg, Path::new(RESOLV_CONF), 53)
+    }
+
+    /// As `new`, with the system's DNS configuration read from `path` and
+    /// its nameservers asked on `port`: tests can neither edit the host's
+    /// resolv.conf nor serve on port 53.
+    pub fn with_system_conf(
+        cfg: &ResolverConfig,
+        path: &Path,
+        port: u16,
+    ) -> Result<Resolver, BuildError> {
+        let dns = if cfg.nameservers.is_empty() {
+            Nameservers::System(SystemConf::read(path, port, cfg.timeout)?)
         } else {
             let servers = cfg
                 .nameservers
@@ -227,43 +245,9 @@ impl Resolver {
                     ns
                 })
                 .collect();
-            (
-                DnsConfig::from_parts(None, Vec::new(), servers),
-                ResolverOpts::default(),
-            )
+            let listed = DnsConfig::from_parts(None, Vec::new(), servers);
+            Nameservers::Listed(build(&listed, ResolverOpts::default(), cfg.timeout)?)
         };
-        // No cache at all: a changed record must be seen by the next
-        // connection whatever its TTL (SPEC: Resolution 1).
-        opts.cache_size = 0;
-        // We read the hosts file ourselves: hickory reads it once at build
-        // time and mixes its per-type answers with DNS.
-        opts.use_hosts_file = ResolveHosts::Never;
-        opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
-        // Our own timeout bounds the whole resolution; one try per server
-        // within it.
-        opts.timeout = cfg.timeout;
-        opts.attempts = 0;
-        // One resolver per nameserver: hickory's pool of several gives up
-        // on the first SERVFAIL or REFUSED, and asks at most two servers
-        // within the timeout, so a third is never asked when the first two
-        // are silent. `lookup` asks them all itself.
-        let dns = dns_cfg
-            .name_servers()
-            .iter()
-            .map(|ns| {
-                let one = DnsConfig::from_parts(
-                    dns_cfg.domain().cloned(),
-                    dns_cfg.search().to_vec(),
-                    vec![ns.clone()],
-                );
-                let mut builder = hickory_resolver::Resolver::builder_with_config(
-                    one,
-                    TokioRuntimeProvider::default(),
-                );
-                *builder.options_mut() = opts.clone();
-                builder.build().map_err(BuildError::Build)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         Ok(Resolver {
             hosts: cfg.hosts_file.as_deref().map(HostsFile::new),
             dns,
@@ -489,19 +473,23 @@ impl Resolver {
     }
 
     async fn query_dns(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+        let servers = match &self.dns {
+            Nameservers::Listed(s) => s.clone(),
+            Nameservers::System(conf) => conf.current(),
+        };
         let want_a = self.family != Family::Ipv6;
         let want_aaaa = self.family != Family::Ipv4;
         let (a, aaaa) = tokio::join!(
             async {
                 if want_a {
-                    Some(self.lookup(name, RecordType::A).await)
+                    Some(lookup(&servers, name, RecordType::A).await)
                 } else {
                     None
                 }
             },
             async {
                 if want_aaaa {
-                    Some(self.lookup(name, RecordType::AAAA).await)
+                    Some(lookup(&servers, name, RecordType::AAAA).await)
                 } else {
                     None
                 }
@@ -549,28 +537,196 @@ impl Resolver {
             }),
         }
     }
+}
 
-    /// Asks every nameserver at once. The first answer decides: records,
-    /// NXDOMAIN or no records. A failure (no reply, SERVFAIL, REFUSED)
-    /// decides only once every server has failed, as the system resolver
-    /// moves on to the next server after one.
-    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Lookup, NetError> {
-        if let [one] = &self.dns[..] {
-            return one.lookup(name, rtype).await;
+/// Asks every nameserver at once. The first answer decides: records,
+/// NXDOMAIN or no records. A failure (no reply, SERVFAIL, REFUSED) decides
+/// only once every server has failed, as the system resolver moves on to
+/// the next server after one.
+async fn lookup(
+    servers: &[TokioResolver],
+    name: &str,
+    rtype: RecordType,
+) -> Result<Lookup, NetError> {
+    if let [one] = servers {
+        return one.lookup(name, rtype).await;
+    }
+    let mut asks: FuturesUnordered<_> = servers.iter().map(|r| r.lookup(name, rtype)).collect();
+    let mut failure = None;
+    while let Some(r) = asks.next().await {
+        match r {
+            // The first failure to come in is the one reported.
+            Err(e) if !e.is_no_records_found() => {
+                failure.get_or_insert(e);
+            }
+            answer => return answer,
         }
-        let mut asks: FuturesUnordered<_> =
-            self.dns.iter().map(|r| r.lookup(name, rtype)).collect();
-        let mut failure = None;
-        while let Some(r) = asks.next().await {
-            match r {
-                // The first failure to come in is the one reported.
-                Err(e) if !e.is_no_records_found() => {
-                    failure.get_or_insert(e);
+    }
+    Err(failure.unwrap_or(NetError::NoConnections))
+}
+
+const RESOLV_CONF: &str = "/etc/resolv.conf";
+
+/// The DNS servers a resolver asks.
+enum Nameservers {
+    /// `resolver.nameservers`: fixed for the resolver's life.
+    Listed(Arc<[TokioResolver]>),
+    /// Those of resolv.conf, followed when the file changes.
+    System(SystemConf),
+}
+
+/// One hickory resolver per nameserver, in the given order, with no cache.
+///
+/// One per nameserver because hickory's pool of several gives up on the
+/// first SERVFAIL or REFUSED, and asks at most two servers within the
+/// timeout, so a third is never asked when the first two are silent.
+/// `lookup` asks them all itself.
+fn build(
+    dns_cfg: &DnsConfig,
+    mut opts: ResolverOpts,
+    timeout: Duration,
+) -> Result<Arc<[TokioResolver]>, BuildError> {
+    // No cache at all: a changed record must be seen by the next
+    // connection whatever its TTL (SPEC: Resolution 1).
+    opts.cache_size = 0;
+    // We read the hosts file ourselves: hickory reads it once at build
+    // time and mixes its per-type answers with DNS.
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
+    // Our own timeout bounds the whole resolution; one try per server
+    // within it.
+    opts.timeout = timeout;
+    opts.attempts = 0;
+    dns_cfg
+        .name_servers()
+        .iter()
+        .map(|ns| {
+            let one = DnsConfig::from_parts(
+                dns_cfg.domain().cloned(),
+                dns_cfg.search().to_vec(),
+                vec![ns.clone()],
+            );
+            let mut builder = hickory_resolver::Resolver::builder_with_config(
+                one,
+                TokioRuntimeProvider::default(),
+            );
+            *builder.options_mut() = opts.clone();
+            builder.build().map_err(BuildError::Build)
+        })
+        .collect()
+}
+
+/// resolv.conf, re-read when it changes, as the system resolver does
+/// (glibc since 2.26). Otherwise a host whose DNS servers change (DHCP, a
+/// VPN coming up) would keep asking the old ones until a restart: a SIGHUP
+/// would not do, since the proxy's configuration itself is unchanged.
+struct SystemConf {
+    path: PathBuf,
+    port: u16,
+    timeout: Duration,
+    state: Mutex<SystemState>,
+}
+
+struct SystemState {
+    /// `None` after a failed look, so the next query looks again.
+    stamp: Option<FileStamp>,
+    /// The text the servers were built from: a rewrite with the same text
+    /// keeps them.
+    text: Vec<u8>,
+    servers: Arc<[TokioResolver]>,
+    /// The last problem logged, so that it is logged once, not per query.
+    last_error: Option<String>,
+}
+
+impl SystemConf {
+    fn read(path: &Path, port: u16, timeout: Duration) -> Result<SystemConf, BuildError> {
+        let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
+        let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
+        let servers = SystemConf::parse(path, &text, port, timeout)?;
+        Ok(SystemConf {
+            path: path.to_path_buf(),
+            port,
+            timeout,
+            state: Mutex::new(SystemState {
+                stamp: Some(stamp),
+                text,
+                servers,
+                last_error: None,
+            }),
+        })
+    }
+
+    fn parse(
+        path: &Path,
+        text: &[u8],
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Arc<[TokioResolver]>, BuildError> {
+        let (mut dns_cfg, opts) =
+            hickory_resolver::system_conf::parse_resolv_conf(text).map_err(|source| {
+                BuildError::SystemConf {
+                    path: path.to_path_buf(),
+                    source,
                 }
-                answer => return answer,
+            })?;
+        // hickory refuses a file that names no server: no check here.
+        let servers = dns_cfg
+            .name_servers()
+            .iter()
+            .cloned()
+            .map(|mut ns| {
+                for c in &mut ns.connections {
+                    c.port = port;
+                }
+                ns
+            })
+            .collect();
+        dns_cfg = DnsConfig::from_parts(
+            dns_cfg.domain().cloned(),
+            dns_cfg.search().to_vec(),
+            servers,
+        );
+        build(&dns_cfg, opts, timeout)
+    }
+
+    /// The servers to ask now: those of the file as it is, or, when it
+    /// cannot be read or names no server, the last ones it named.
+    ///
+    /// The stat, and the read after a change, are blocking calls on a
+    /// small local file, made once per DNS query (not per connection: the
+    /// hosts file may answer first, and connections share queries).
+    fn current(&self) -> Arc<[TokioResolver]> {
+        let mut st = lock(&self.state);
+        match self.refresh(&mut st) {
+            Ok(()) => st.last_error = None,
+            Err(e) => {
+                let problem = crate::error_chain(&e);
+                if st.last_error.as_ref() != Some(&problem) {
+                    tracing::warn!(error = %problem, "keeping the nameservers resolv.conf named before");
+                    st.last_error = Some(problem);
+                }
+                st.stamp = None;
             }
         }
-        Err(failure.unwrap_or(NetError::NoConnections))
+        st.servers.clone()
+    }
+
+    fn refresh(&self, st: &mut SystemState) -> Result<(), BuildError> {
+        let read = |e| BuildError::read(&self.path, e);
+        let stamp = FileStamp::of(&self.path).map_err(read)?;
+        if st.stamp == Some(stamp) && !stamp.is_recent() {
+            return Ok(());
+        }
+        // Stamped before the read: a write during it changes the stamp
+        // again, and the next query reads the file anew.
+        let text = std::fs::read(&self.path).map_err(read)?;
+        if text != st.text {
+            st.servers = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
+            st.text = text;
+            tracing::info!(path = %self.path.display(), "resolv.conf changed; asking the nameservers it names now");
+        }
+        st.stamp = Some(stamp);
+        Ok(())
     }
 }
 

@@ -827,3 +827,96 @@ async fn every_nameserver_is_asked_until_one_answers() {
         other => panic!("servfail and refused: {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
+    use failover_proxy::config::{Alias, Family, ResolverConfig};
+    use std::net::SocketAddr;
+
+    // resolv.conf names servers without a port: two servers on one port,
+    // which the resolver is told to use in place of 53.
+    let (one, two) = loop {
+        let one = DnsServer::start_on("127.0.0.41:0".parse().unwrap())
+            .await
+            .unwrap();
+        let port = one.addr.port();
+        if let Ok(two) = DnsServer::start_on(SocketAddr::new(ip(42), port)).await {
+            break (one, two);
+        }
+    };
+    one.records("cluster.test", &[ip(51)]);
+    two.records("cluster.test", &[ip(52)]);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(&conf, "nameserver 127.0.0.41\nsearch test\n").unwrap();
+    let resolver = failover_proxy::resolve::Resolver::with_system_conf(
+        &ResolverConfig {
+            nameservers: vec![],
+            hosts_file: None,
+            family: Family::Ipv4,
+            timeout: Duration::from_secs(2),
+            stale_on_error: None,
+        },
+        &conf,
+        one.addr.port(),
+    )
+    .expect("resolver from resolv.conf");
+    let resolve = |alias: &str| {
+        let alias = Alias::parse(alias).unwrap();
+        let resolver = &resolver;
+        async move {
+            let r = within("resolution", resolver.resolve(&alias)).await;
+            r.result.map(|a| a.addrs)
+        }
+    };
+
+    assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(51)]);
+    // The file's search list applies to a short name.
+    assert_eq!(resolve("cluster").await.unwrap(), vec![ip(51)]);
+    // Rewritten at once, with the same length: the next query asks the new
+    // server.
+    std::fs::write(&conf, "nameserver 127.0.0.42\nsearch test\n").unwrap();
+    assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(52)]);
+    // Gone, or naming no server (as when it is being rewritten): the last
+    // servers it named are kept.
+    std::fs::remove_file(&conf).unwrap();
+    assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(52)]);
+    std::fs::write(&conf, "# being rewritten\n").unwrap();
+    assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(52)]);
+    std::fs::write(&conf, "nameserver 127.0.0.41\n").unwrap();
+    assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(51)]);
+}
+
+#[test]
+fn resolv_conf_problems_at_start_name_the_file() {
+    use failover_proxy::config::{Family, ResolverConfig};
+
+    let cfg = ResolverConfig {
+        nameservers: vec![],
+        hosts_file: None,
+        family: Family::Any,
+        timeout: Duration::from_secs(2),
+        stale_on_error: None,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    let problem = |path: &std::path::Path| {
+        let e = failover_proxy::resolve::Resolver::with_system_conf(&cfg, path, 53)
+            .expect_err("no usable resolv.conf");
+        failover_proxy::error_chain(&e)
+    };
+    let missing = problem(&conf);
+    assert!(
+        missing.starts_with(&format!("cannot read {}, ", conf.display()))
+            && missing.contains("resolver.nameservers is empty")
+            && missing.ends_with("No such file or directory (os error 2)"),
+        "{missing}"
+    );
+    std::fs::write(&conf, "search test\n").unwrap();
+    let none = problem(&conf);
+    assert!(
+        none.starts_with(&format!("cannot use {}, ", conf.display()))
+            && none.ends_with("no nameservers found in config"),
+        "{none}"
+    );
+}

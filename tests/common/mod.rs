@@ -70,8 +70,15 @@ pub struct DnsServer {
 
 impl DnsServer {
     pub async fn start() -> DnsServer {
-        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind dns");
-        let addr = socket.local_addr().expect("dns addr");
+        DnsServer::start_on("127.0.0.1:0".parse().unwrap())
+            .await
+            .expect("bind dns")
+    }
+
+    /// A server on `addr`, which may be taken.
+    pub async fn start_on(addr: SocketAddr) -> io::Result<DnsServer> {
+        let socket = UdpSocket::bind(addr).await?;
+        let addr = socket.local_addr()?;
         let zone: Arc<Mutex<HashMap<String, Behavior>>> = Arc::default();
         let queries: Arc<Mutex<u64>> = Arc::default();
         let (z, q) = (zone.clone(), queries.clone());
@@ -160,12 +167,12 @@ impl DnsServer {
                 }
             }
         });
-        DnsServer {
+        Ok(DnsServer {
             addr,
             zone,
             queries,
             task,
-        }
+        })
     }
 
     pub fn set(&self, name: &str, b: Behavior) {
