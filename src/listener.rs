@@ -45,8 +45,45 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     // Accepted sockets inherit TCP_NODELAY from the listener on Linux: set
     // once here instead of once per connection.
     socket.set_nodelay(true)?;
-    socket.bind(addr)?;
+    if let Err(e) = socket.bind(addr) {
+        return Err(match ephemeral_hint(addr.port()) {
+            Some(hint) if e.kind() == io::ErrorKind::AddrInUse => {
+                io::Error::new(e.kind(), format!("{e}; {hint}"))
+            }
+            _ => e,
+        });
+    }
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Why a port may be in use with no server on it: it is in the range the
+/// kernel draws outgoing connections' local ports from, and an outgoing
+/// connection, or its TIME_WAIT after it closed, holds it. SO_REUSEADDR
+/// does not help, since the other socket did not set it. Only ports the
+/// operator reserved are never drawn.
+fn ephemeral_hint(port: u16) -> Option<String> {
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let reserved =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+    ephemeral_hint_in(port, &range, &reserved)
+}
+
+fn ephemeral_hint_in(port: u16, range: &str, reserved: &str) -> Option<String> {
+    let mut bounds = range.split_whitespace().map(|p| p.parse::<u16>().ok());
+    let (first, last) = (bounds.next()??, bounds.next()??);
+    let is_reserved = reserved.trim().split(',').any(|r| match r.split_once('-') {
+        Some((a, b)) => {
+            a.parse().is_ok_and(|a: u16| a <= port) && b.parse().is_ok_and(|b: u16| port <= b)
+        }
+        None => r.parse() == Ok(port),
+    });
+    ((first..=last).contains(&port) && !is_reserved).then(|| {
+        format!(
+            "if no server listens there, an outgoing connection (or its TIME_WAIT) holds \
+             the port: {port} is in the kernel's range for their local ports ({first}-{last}); \
+             reserve it (sysctl net.ipv4.ip_local_reserved_ports={port}) or listen outside the range"
+        )
+    })
 }
 
 /// The route a listener serves now; a reload swaps it for new connections
@@ -182,4 +219,40 @@ fn is_per_connection(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::Interrupted
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ephemeral_hint_in;
+
+    #[test]
+    fn a_port_in_use_gets_a_hint_only_when_outgoing_connections_can_take_it() {
+        let range = "32768\t60999\n";
+        let hint = ephemeral_hint_in(41000, range, "\n").expect("in the range");
+        assert!(
+            hint.contains(": 41000 is in the kernel's range") && hint.contains("(32768-60999)"),
+            "{hint}"
+        );
+        // Both ends of the range are in it.
+        assert!(ephemeral_hint_in(32768, range, "").is_some());
+        assert!(ephemeral_hint_in(60999, range, "").is_some());
+        // Outside it, or reserved (alone or in a span): no outgoing
+        // connection takes it, so the hint would mislead.
+        for (port, reserved) in [
+            (32767, ""),
+            (61000, ""),
+            (41000, "41000\n"),
+            (41000, "8080,40000-42000\n"),
+            (42000, "40000-42000"),
+        ] {
+            assert_eq!(
+                ephemeral_hint_in(port, range, reserved),
+                None,
+                "{port} {reserved:?}"
+            );
+        }
+        assert!(ephemeral_hint_in(42001, range, "40000-42000").is_some());
+        // An unreadable range gives no hint rather than a wrong one.
+        assert_eq!(ephemeral_hint_in(41000, "", ""), None);
+    }
 }

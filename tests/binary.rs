@@ -247,19 +247,28 @@ async fn rust_log_wins_over_log_level_when_set_and_not_empty() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_address_in_use_exits_1_naming_it() {
+    // Held by a server, and by an outgoing connection: its local port comes
+    // from the kernel's ephemeral range, as port 0 does, and SO_REUSEADDR
+    // does not get past it. The error says what to do about the second.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    std::fs::write(
-        &cfg,
-        format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"\"\n"),
-    )
-    .unwrap();
-    let out = bin().arg("-c").arg(&cfg).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&addr.to_string()), "{err}");
+    let outgoing = std::net::TcpStream::connect(taken.local_addr().unwrap()).unwrap();
+    for addr in [taken.local_addr().unwrap(), outgoing.local_addr().unwrap()] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("c.toml");
+        std::fs::write(
+            &cfg,
+            format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"\"\n"),
+        )
+        .unwrap();
+        let out = bin().arg("-c").arg(&cfg).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(&format!("cannot listen on {addr} (route 127.0.0.1): "))
+                && err.contains(&format!("net.ipv4.ip_local_reserved_ports={}", addr.port())),
+            "{err}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
