@@ -714,7 +714,7 @@ impl SystemConf {
     fn refresh(&self, st: &mut SystemState) -> Result<(), BuildError> {
         let read = |e| BuildError::read(&self.path, e);
         let stamp = FileStamp::of(&self.path).map_err(read)?;
-        if st.stamp == Some(stamp) && !stamp.is_recent() {
+        if stamp.proves_unchanged_since(st.stamp, SystemTime::now()) {
             return Ok(());
         }
         // Stamped before the read: a write during it changes the stamp
@@ -787,8 +787,10 @@ impl FileStamp {
     /// has not changed since (git's "racy" rule for its index). Such a file
     /// is read again; only a stamp older than the timestamp granularity is
     /// trusted.
-    fn is_recent(&self) -> bool {
-        self.is_recent_at(SystemTime::now())
+    /// Whether this stamp, taken now, proves the file unchanged since it
+    /// was read with the `cached` stamp: the same, and old enough to trust.
+    fn proves_unchanged_since(&self, cached: Option<FileStamp>, now: SystemTime) -> bool {
+        cached == Some(*self) && !self.is_recent_at(now)
     }
 
     fn is_recent_at(&self, now: SystemTime) -> bool {
@@ -860,7 +862,7 @@ impl HostsFile {
 
     fn refresh(&self, cache: &mut HostsCache) -> io::Result<()> {
         let mut stamp = FileStamp::of(&self.path)?;
-        if cache.stamp == Some(stamp) && !stamp.is_recent() {
+        if stamp.proves_unchanged_since(cache.stamp, SystemTime::now()) {
             return Ok(());
         }
         // A file rewritten in place can change while we read it: read until
@@ -1021,5 +1023,115 @@ mod tests {
             ..fine
         };
         assert!(!mixed.is_recent_at(at(t as u64, 301)));
+    }
+
+    #[test]
+    fn only_the_same_old_stamp_proves_a_file_unchanged() {
+        let t = 1_700_000_000;
+        let stamp = stamp_at(t, 250_000_000);
+        let later = SystemTime::UNIX_EPOCH + Duration::from_secs(t as u64 + 10);
+        let soon =
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t as u64) + Duration::from_millis(260);
+        assert!(stamp.proves_unchanged_since(Some(stamp), later));
+        // Too recent to trust, changed, or never read: read it.
+        assert!(!stamp.proves_unchanged_since(Some(stamp), soon));
+        assert!(!stamp.proves_unchanged_since(Some(stamp_at(t, 1)), later));
+        assert!(!stamp.proves_unchanged_since(None, later));
+    }
+
+    /// What `f` logs at WARN, one line per event.
+    fn warnings(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Sink(Arc<Mutex<Vec<u8>>>);
+        impl io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                lock(&self.0).extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let out = sink.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || out.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        String::from_utf8_lossy(&lock(&sink.0)).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_resolv_conf_problem_is_logged_once_and_the_last_servers_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, "nameserver 127.0.0.1\n").unwrap();
+        let conf = SystemConf::read(&path, 53, Duration::from_secs(1)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let gone = || {
+            for _ in 0..3 {
+                assert_eq!(conf.current().len(), 1);
+            }
+        };
+        let logged = warnings(gone);
+        assert_eq!(
+            logged.matches("keeping the nameservers").count(),
+            1,
+            "{logged}"
+        );
+        // Back, then gone again: a new problem, logged again.
+        std::fs::write(&path, "nameserver 127.0.0.2\n").unwrap();
+        assert_eq!(warnings(|| assert_eq!(conf.current().len(), 1)), "");
+        std::fs::remove_file(&path).unwrap();
+        let logged = warnings(gone);
+        assert_eq!(
+            logged.matches("keeping the nameservers").count(),
+            1,
+            "{logged}"
+        );
+    }
+
+    #[test]
+    fn a_missing_hosts_file_is_logged_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let hosts = HostsFile::new(&dir.path().join("hosts"));
+        let logged = warnings(|| {
+            for _ in 0..3 {
+                assert_eq!(hosts.lookup("db.example"), None);
+            }
+        });
+        assert_eq!(
+            logged.matches("cannot read hosts file").count(),
+            1,
+            "{logged}"
+        );
+    }
+
+    #[test]
+    fn a_skipped_hosts_line_is_logged_once_per_change_of_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "bogus db.example\n10.0.0.1 db.example\n").unwrap();
+        let hosts = HostsFile::new(&path);
+        let want: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap()];
+        // Read again on every lookup while the change is recent, and logged
+        // once all the same.
+        let logged = warnings(|| {
+            for _ in 0..3 {
+                assert_eq!(hosts.lookup("db.example"), Some(want.clone()));
+            }
+        });
+        assert_eq!(
+            logged.matches("hosts file line skipped").count(),
+            1,
+            "{logged}"
+        );
+        std::fs::write(&path, "10.0.0.1 db.example\nbogus again\n").unwrap();
+        let logged = warnings(|| {
+            assert_eq!(hosts.lookup("db.example"), Some(want.clone()));
+        });
+        assert!(logged.contains("line=2"), "{logged}");
     }
 }
