@@ -155,6 +155,7 @@ pub struct RuntimeConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Alias {
     Ip(IpAddr),
+    /// Lowercase, with its trailing dot if it was written with one.
     Host(String),
 }
 
@@ -197,7 +198,10 @@ impl Alias {
                 ));
             }
         }
-        Ok(Alias::Host(name.to_ascii_lowercase()))
+        // The trailing dot, if written, stays: it tells the DNS resolver the
+        // name is complete, so resolv.conf's search list is not tried on it,
+        // as the system resolver does.
+        Ok(Alias::Host(s.to_ascii_lowercase()))
     }
 }
 

@@ -300,8 +300,10 @@ impl Resolver {
             Alias::Host(h) => h.as_str(),
         };
 
+        // Hosts-file names have no trailing dot; DNS is given the alias as
+        // written.
         if let Some(hosts) = &self.hosts
-            && let Some(ips) = hosts.lookup(name)
+            && let Some(ips) = hosts.lookup(name.strip_suffix('.').unwrap_or(name))
         {
             let addrs: Vec<IpAddr> = ips
                 .into_iter()

@@ -589,9 +589,10 @@ async fn family_narrows_each_source_and_never_reorders_it() {
         async move { resolver.resolve(&alias).await.result }
     };
 
-    let cases: [(Family, &str, Vec<IpAddr>); 9] = [
+    let cases: [(Family, &str, Vec<IpAddr>); 10] = [
         // Hosts lines: file order, v4 and v6 interleaved as written.
         (Family::Any, "fam.test", vec![ip(3), v6, ip(2)]),
+        (Family::Any, "fam.test.", vec![ip(3), v6, ip(2)]),
         (Family::Ipv4, "fam.test", vec![ip(3), ip(2)]),
         (Family::Ipv6, "fam.test", vec![v6]),
         // DNS: A answers first, then AAAA.
@@ -871,8 +872,14 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
     };
 
     assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(51)]);
-    // The file's search list applies to a short name.
+    // The file's search list applies to a short name, and not to one
+    // written complete, with a trailing dot.
     assert_eq!(resolve("cluster").await.unwrap(), vec![ip(51)]);
+    assert_eq!(resolve("cluster.test.").await.unwrap(), vec![ip(51)]);
+    match resolve("cluster.").await {
+        Err(failover_proxy::resolve::ResolveError::NxDomain { .. }) => {}
+        other => panic!("cluster. was searched: {other:?}"),
+    }
     // Rewritten at once, with the same length: the next query asks the new
     // server.
     std::fs::write(&conf, "nameserver 127.0.0.42\nsearch test\n").unwrap();
