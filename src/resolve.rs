@@ -644,7 +644,7 @@ impl SystemConf {
     fn read(path: &Path, port: u16, timeout: Duration) -> Result<SystemConf, BuildError> {
         let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
         let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
-        let servers = SystemConf::parse(path, &text, port, timeout)?;
+        let (servers, _) = SystemConf::parse(path, &text, port, timeout)?;
         Ok(SystemConf {
             path: path.to_path_buf(),
             port,
@@ -663,7 +663,7 @@ impl SystemConf {
         text: &[u8],
         port: u16,
         timeout: Duration,
-    ) -> Result<Arc<[TokioResolver]>, BuildError> {
+    ) -> Result<(Arc<[TokioResolver]>, Vec<IpAddr>), BuildError> {
         let (mut dns_cfg, opts) =
             hickory_resolver::system_conf::parse_resolv_conf(text).map_err(|source| {
                 BuildError::SystemConf {
@@ -672,6 +672,7 @@ impl SystemConf {
                 }
             })?;
         // hickory refuses a file that names no server: no check here.
+        let ips = dns_cfg.name_servers().iter().map(|ns| ns.ip).collect();
         let servers = dns_cfg
             .name_servers()
             .iter()
@@ -688,7 +689,7 @@ impl SystemConf {
             dns_cfg.search().to_vec(),
             servers,
         );
-        build(&dns_cfg, opts, timeout)
+        Ok((build(&dns_cfg, opts, timeout)?, ips))
     }
 
     /// The servers to ask now: those of the file as it is, or, when it
@@ -723,9 +724,10 @@ impl SystemConf {
         // again, and the next query reads the file anew.
         let text = std::fs::read(&self.path).map_err(read)?;
         if text != st.text {
-            st.servers = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
+            let (servers, ips) = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
+            st.servers = servers;
             st.text = text;
-            tracing::info!(path = %self.path.display(), "resolv.conf changed; asking the nameservers it names now");
+            tracing::info!(path = %self.path.display(), nameservers = ?ips, "resolv.conf changed; asking the nameservers it names now");
         }
         st.stamp = Some(stamp);
         Ok(())
@@ -1043,6 +1045,11 @@ mod tests {
 
     /// What `f` logs at WARN, one line per event.
     fn warnings(f: impl FnOnce()) -> String {
+        logs(tracing::Level::WARN, f)
+    }
+
+    /// What `f` logs at `level` and above, one line per event.
+    fn logs(level: tracing::Level, f: impl FnOnce()) -> String {
         #[derive(Clone, Default)]
         struct Sink(Arc<Mutex<Vec<u8>>>);
         impl io::Write for Sink {
@@ -1057,7 +1064,7 @@ mod tests {
         let sink = Sink::default();
         let out = sink.clone();
         let subscriber = tracing_subscriber::fmt()
-            .with_max_level(tracing::Level::WARN)
+            .with_max_level(level)
             .with_ansi(false)
             .with_writer(move || out.clone())
             .finish();
@@ -1072,22 +1079,31 @@ mod tests {
         std::fs::write(&path, "nameserver 127.0.0.1\n").unwrap();
         let conf = SystemConf::read(&path, 53, Duration::from_secs(1)).unwrap();
         std::fs::remove_file(&path).unwrap();
-        let gone = || {
-            for _ in 0..3 {
-                assert_eq!(conf.current().len(), 1);
+        let conf = &conf;
+        let gone = |kept: usize| {
+            move || {
+                for _ in 0..3 {
+                    assert_eq!(conf.current().len(), kept);
+                }
             }
         };
-        let logged = warnings(gone);
+        let logged = warnings(gone(1));
         assert_eq!(
             logged.matches("keeping the nameservers").count(),
             1,
             "{logged}"
         );
-        // Back, then gone again: a new problem, logged again.
-        std::fs::write(&path, "nameserver 127.0.0.2\n").unwrap();
-        assert_eq!(warnings(|| assert_eq!(conf.current().len(), 1)), "");
+        // Back, naming other servers: the change is logged with it.
+        std::fs::write(&path, "nameserver 127.0.0.2\nnameserver ::1\n").unwrap();
+        let logged = logs(tracing::Level::INFO, || assert_eq!(conf.current().len(), 2));
+        assert!(
+            logged.contains("INFO") && logged.contains("nameservers=[127.0.0.2, ::1]"),
+            "{logged}"
+        );
+        assert!(!logged.contains("WARN"), "{logged}");
+        // Gone again: a new problem, logged again, and the new servers kept.
         std::fs::remove_file(&path).unwrap();
-        let logged = warnings(gone);
+        let logged = warnings(gone(2));
         assert_eq!(
             logged.matches("keeping the nameservers").count(),
             1,
