@@ -205,7 +205,8 @@ def query_a(port, name):
 
 
 class Proxy:
-    def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", dns_port=None):
+    def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", dns_port=None,
+                 dns_ports=None):
         self.port = free_port()
         self.admin = free_port()
         self.cfg = tmp / f"proxy-{self.port}.toml"
@@ -220,7 +221,7 @@ connect_timeout = "2s"
 {extra_route}
 
 [resolver]
-nameservers = ["127.0.0.1:{dns_port or dns.port}"]
+nameservers = [{", ".join(f'"127.0.0.1:{n}"' for n in (dns_ports or [dns_port or dns.port]))}]
 hosts_file = "{hosts_file}"
 family = "ipv4"
 timeout = "500ms"
@@ -479,6 +480,8 @@ class FakeDns:
             except OSError:
                 return
             mode = self.mode
+            if mode == "silent":
+                continue
             if mode == "slow":
                 threading.Timer(2.0, self._reply, (q, peer, "answer")).start()
             else:
@@ -520,6 +523,33 @@ def dns_servfail_and_slow(tmp, dns):
             assert p.metric("failover_proxy_resolve_stale_total", route="faults") == before + 1
             assert p.metric("failover_proxy_resolve_errors_total", route="faults", kind=kind) >= 1, kind
         figure("dns_servfail_and_slow_served_stale", True)
+    finally:
+        p.stop()
+        fake.close()
+        a.stop()
+
+
+def one_nameserver_failing(tmp, dns):
+    """Two nameservers, the first failing (SERVFAIL, then no reply): every
+    connection is served from the second's fresh answer, with no stale
+    answer and no resolution error."""
+    a = Backend(A, SERVER_PORT, "a")
+    dns.set(f"{A} cluster.test\n")
+    fake = FakeDns(B)
+    p = Proxy(tmp, dns, resolver_extra='stale_on_error = "0s"', dns_ports=[fake.port, dns.port])
+    try:
+        for mode in ("servfail", "silent"):
+            fake.mode = mode
+            times = []
+            for _ in range(20):
+                t = time.monotonic()
+                assert name_via(p.port) == "a", f"{mode}: served from the second nameserver"
+                times.append(time.monotonic() - t)
+            times.sort()
+            figure(f"first_nameserver_{mode}_median_ms", round(times[10] * 1000, 2))
+        assert p.metric("failover_proxy_resolve_stale_total", route="faults") == 0
+        for kind in ("servfail", "timeout", "other"):
+            assert p.metric("failover_proxy_resolve_errors_total", route="faults", kind=kind) == 0, kind
     finally:
         p.stop()
         fake.close()
@@ -771,6 +801,7 @@ SCENARIOS = [
     partition_mid_stream,
     dns_faults,
     dns_servfail_and_slow,
+    one_nameserver_failing,
     hosts_file_rewrites,
     held_connections,
     fd_exhaustion,
