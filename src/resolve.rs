@@ -16,7 +16,6 @@ use futures_util::stream::FuturesUnordered;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
     NameServerConfig, ResolveHosts, ResolverConfig as DnsConfig, ResolverOpts,
-    ServerOrderingStrategy,
 };
 use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -594,7 +593,6 @@ fn build(
     // We read the hosts file ourselves: hickory reads it once at build
     // time and mixes its per-type answers with DNS.
     opts.use_hosts_file = ResolveHosts::Never;
-    opts.server_ordering_strategy = ServerOrderingStrategy::UserProvidedOrder;
     // Our own timeout bounds the whole resolution; one try per server
     // within it.
     opts.timeout = timeout;
