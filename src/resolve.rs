@@ -1070,6 +1070,10 @@ mod tests {
         String::from_utf8_lossy(&lock(&sink.0)).into_owned()
     }
 
+    fn assert_logged_once(logged: &str, what: &str) {
+        assert_eq!(logged.matches(what).count(), 1, "{what}: {logged}");
+    }
+
     #[tokio::test]
     async fn a_resolv_conf_problem_is_logged_once_and_the_last_servers_kept() {
         let dir = tempfile::tempdir().unwrap();
@@ -1086,11 +1090,7 @@ mod tests {
             }
         };
         let logged = warnings(gone(1));
-        assert_eq!(
-            logged.matches("keeping the nameservers").count(),
-            1,
-            "{logged}"
-        );
+        assert_logged_once(&logged, "keeping the nameservers");
         // Back, naming other servers: the change is logged with it.
         std::fs::write(&path, "nameserver 127.0.0.2\nnameserver ::1\n").unwrap();
         let logged = logs(tracing::Level::INFO, || assert_eq!(conf.current().len(), 2));
@@ -1102,11 +1102,7 @@ mod tests {
         // Gone again: a new problem, logged again, and the new servers kept.
         std::fs::remove_file(&path).unwrap();
         let logged = warnings(gone(2));
-        assert_eq!(
-            logged.matches("keeping the nameservers").count(),
-            1,
-            "{logged}"
-        );
+        assert_logged_once(&logged, "keeping the nameservers");
     }
 
     #[test]
@@ -1118,11 +1114,7 @@ mod tests {
                 assert_eq!(hosts.lookup("db.example"), None);
             }
         });
-        assert_eq!(
-            logged.matches("cannot read hosts file").count(),
-            1,
-            "{logged}"
-        );
+        assert_logged_once(&logged, "cannot read hosts file");
     }
 
     #[test]
@@ -1139,11 +1131,7 @@ mod tests {
                 assert_eq!(hosts.lookup("db.example"), Some(want.clone()));
             }
         });
-        assert_eq!(
-            logged.matches("hosts file line skipped").count(),
-            1,
-            "{logged}"
-        );
+        assert_logged_once(&logged, "hosts file line skipped");
         std::fs::write(&path, "10.0.0.1 db.example\nbogus again\n").unwrap();
         let logged = warnings(|| {
             assert_eq!(hosts.lookup("db.example"), Some(want.clone()));

@@ -214,25 +214,23 @@ async fn drain_timeout_bounds_the_wait_for_open_connections() {
 async fn rust_log_wins_over_log_level_when_set_and_not_empty() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config_admin(dir.path(), ip(37), 1, "", "");
-    // log.level = "error" hides the INFO "listening" line unless RUST_LOG
-    // lets it through.
-    let p = Running::spawn_with(
-        bin()
-            .arg("-c")
-            .arg(&cfg)
-            .env("FAILOVER_PROXY_LOG__LEVEL", "error")
-            .env("RUST_LOG", "info"),
-    );
-    p.wait_line("\"listening\"");
-    // Set but empty, as `Environment=RUST_LOG=` leaves it: log.level rules.
-    let p = Running::spawn_with(
-        bin()
-            .arg("-c")
-            .arg(&cfg)
-            .env("FAILOVER_PROXY_LOG__LEVEL", "info")
-            .env("RUST_LOG", ""),
-    );
-    p.wait_line("\"listening\"");
+    for (level, rust_log) in [
+        // log.level = "error" hides the INFO "listening" line unless
+        // RUST_LOG lets it through.
+        ("error", "info"),
+        // Set but empty, as `Environment=RUST_LOG=` leaves it: log.level
+        // rules.
+        ("info", ""),
+    ] {
+        let p = Running::spawn_with(
+            bin()
+                .arg("-c")
+                .arg(&cfg)
+                .env("FAILOVER_PROXY_LOG__LEVEL", level)
+                .env("RUST_LOG", rust_log),
+        );
+        p.wait_line("\"listening\"");
+    }
     // A filter that does not parse is a configuration error, named.
     let out = bin()
         .arg("-c")

@@ -494,13 +494,25 @@ fn resolver(
     family: failover_proxy::config::Family,
 ) -> failover_proxy::resolve::Resolver {
     failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-        nameservers: vec![dns],
         hosts_file: hosts.map(std::path::Path::to_path_buf),
+        ..resolver_config(vec![dns], family)
+    })
+    .expect("resolver")
+}
+
+/// DNS only, from `nameservers` (empty: resolv.conf's), a 2 s timeout, no
+/// stale answers.
+fn resolver_config(
+    nameservers: Vec<std::net::SocketAddr>,
+    family: failover_proxy::config::Family,
+) -> failover_proxy::config::ResolverConfig {
+    failover_proxy::config::ResolverConfig {
+        nameservers,
+        hosts_file: None,
         family,
         timeout: Duration::from_secs(2),
         stale_on_error: None,
-    })
-    .expect("resolver")
+    }
 }
 
 fn dns_only_resolver(dns: std::net::SocketAddr) -> failover_proxy::resolve::Resolver {
@@ -637,15 +649,9 @@ async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
     // servers' records: from a recursive resolver the chain and the
     // records come in one answer; from an authoritative server for another
     // zone, the CNAME comes alone and the target has to be asked for.
+    let resolver = resolver(dns.addr, None, Family::Any);
     for (alias, chased) in [("chased.test", true), ("bare.test", false)] {
-        dns.set(
-            alias,
-            Behavior::Cname {
-                target: "servers.test".into(),
-                chased,
-            },
-        );
-        let resolver = resolver(dns.addr, None, Family::Any);
+        dns.cname(alias, "servers.test", chased);
         let parsed = Alias::parse(alias).unwrap();
         let got = resolver.resolve(&parsed).await.result;
         assert_eq!(got.expect(alias).addrs, vec![ip(21), ip(22), v6], "{alias}");
@@ -658,14 +664,7 @@ async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
     // A CNAME to a name that does not exist is an NXDOMAIN: the
     // connection is refused, and no stale answer stands in for it.
     for (alias, chased) in [("dangling.test", true), ("dangling-bare.test", false)] {
-        dns.set(
-            alias,
-            Behavior::Cname {
-                target: "gone.test".into(),
-                chased,
-            },
-        );
-        let resolver = resolver(dns.addr, None, Family::Any);
+        dns.cname(alias, "gone.test", chased);
         match resolver.resolve(&Alias::parse(alias).unwrap()).await.result {
             Err(failover_proxy::resolve::ResolveError::NxDomain { .. }) => {}
             other => panic!("{alias}: {other:?}"),
@@ -676,28 +675,19 @@ async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
 /// A DNS server whose UDP answers are all truncated (TC set, no records),
 /// and which gives the whole answer over TCP on the same port: what a
 /// server does when the answer is larger than a UDP reply may be.
-async fn truncating_dns(ips: Vec<std::net::Ipv4Addr>) -> std::net::SocketAddr {
-    use hickory_proto::op::{Message, MessageType, OpCode};
-    use hickory_proto::rr::rdata::A;
-    use hickory_proto::rr::{RData, Record, RecordType};
+async fn truncating_dns(ips: Vec<std::net::IpAddr>) -> std::net::SocketAddr {
+    use hickory_proto::op::Message;
+    use hickory_proto::rr::Name;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn answer(req: &Message, ips: &[std::net::Ipv4Addr], whole: bool) -> Option<Vec<u8>> {
-        let query = req.queries.first()?.clone();
-        let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
-        resp.metadata.recursion_desired = req.metadata.recursion_desired;
-        resp.metadata.recursion_available = true;
-        resp.add_query(query.clone());
-        if !whole {
+    fn answer(req: &Message, ips: &[std::net::IpAddr], whole: bool) -> Option<Vec<u8>> {
+        let query = req.queries.first()?;
+        let mut resp = reply_to(req, query);
+        if whole {
+            let owner: &Name = query.name();
+            add_addresses(&mut resp, owner, query.query_type(), ips, 60);
+        } else {
             resp.metadata.truncation = true;
-        } else if query.query_type() == RecordType::A {
-            for ip in ips {
-                resp.add_answer(Record::from_rdata(
-                    query.name().clone(),
-                    60,
-                    RData::A(A(*ip)),
-                ));
-            }
         }
         resp.to_vec().ok()
     }
@@ -754,8 +744,8 @@ async fn a_truncated_dns_answer_is_asked_again_over_tcp() {
 
     // 200 servers under one alias: 3.2 KB of A records, more than a UDP
     // reply carries (1,232 bytes with EDNS, 512 without).
-    let ips: Vec<std::net::Ipv4Addr> = (1..=200)
-        .map(|n| std::net::Ipv4Addr::new(127, 1, 0, n))
+    let ips: Vec<std::net::IpAddr> = (1..=200)
+        .map(|n| std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 1, 0, n)))
         .collect();
     let dns = truncating_dns(ips.clone()).await;
     let resolver = resolver(dns, None, Family::Ipv4);
@@ -764,8 +754,7 @@ async fn a_truncated_dns_answer_is_asked_again_over_tcp() {
         resolver.resolve(&Alias::parse("big.test").unwrap()),
     )
     .await;
-    let want: Vec<std::net::IpAddr> = ips.into_iter().map(std::net::IpAddr::V4).collect();
-    assert_eq!(got.result.expect("resolved over tcp").addrs, want);
+    assert_eq!(got.result.expect("resolved over tcp").addrs, ips);
 }
 
 #[tokio::test]
@@ -788,11 +777,8 @@ async fn every_nameserver_is_asked_until_one_answers() {
         // Longer than HANG: an outcome that waited for a silent server's
         // timeout stops the test instead of passing late.
         let resolver = failover_proxy::resolve::Resolver::new(&ResolverConfig {
-            nameservers,
-            hosts_file: None,
-            family: Family::Ipv4,
             timeout: HANG * 2,
-            stale_on_error: None,
+            ..resolver_config(nameservers, Family::Ipv4)
         })
         .expect("resolver");
         within(
@@ -831,7 +817,7 @@ async fn every_nameserver_is_asked_until_one_answers() {
 
 #[tokio::test]
 async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
-    use failover_proxy::config::{Alias, Family, ResolverConfig};
+    use failover_proxy::config::{Alias, Family};
     use std::net::SocketAddr;
 
     // resolv.conf names servers without a port: two servers on one port,
@@ -851,13 +837,7 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
     let conf = dir.path().join("resolv.conf");
     std::fs::write(&conf, "nameserver 127.0.0.41\nsearch test\n").unwrap();
     let resolver = failover_proxy::resolve::Resolver::with_system_conf(
-        &ResolverConfig {
-            nameservers: vec![],
-            hosts_file: None,
-            family: Family::Ipv4,
-            timeout: Duration::from_secs(2),
-            stale_on_error: None,
-        },
+        &resolver_config(vec![], Family::Ipv4),
         &conf,
         one.addr.port(),
     )
@@ -896,15 +876,9 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
 
 #[test]
 fn resolv_conf_problems_at_start_name_the_file() {
-    use failover_proxy::config::{Family, ResolverConfig};
+    use failover_proxy::config::Family;
 
-    let cfg = ResolverConfig {
-        nameservers: vec![],
-        hosts_file: None,
-        family: Family::Any,
-        timeout: Duration::from_secs(2),
-        stale_on_error: None,
-    };
+    let cfg = resolver_config(vec![], Family::Any);
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("resolv.conf");
     let problem = |path: &std::path::Path| {

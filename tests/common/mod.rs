@@ -14,7 +14,7 @@ use std::time::Duration;
 use failover_proxy::{Config, Control, Server, config};
 use figment::Figment;
 use figment::providers::{Format, Toml};
-use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -102,11 +102,8 @@ impl DnsServer {
                     .to_ascii_lowercase();
                 let zone = z.lock().unwrap().clone();
                 let behavior = zone.get(&name).cloned().unwrap_or(Behavior::NxDomain);
-                let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
-                resp.metadata.recursion_desired = req.metadata.recursion_desired;
-                resp.metadata.recursion_available = true;
+                let mut resp = reply_to(&req, &query);
                 resp.metadata.authoritative = true;
-                resp.add_query(query.clone());
                 let behavior = match behavior {
                     Behavior::Numbered(base) => {
                         let n = *q.lock().unwrap();
@@ -182,6 +179,11 @@ impl DnsServer {
             .insert(name.to_ascii_lowercase(), b);
     }
 
+    pub fn cname(&self, name: &str, target: &str, chased: bool) {
+        let target = target.to_string();
+        self.set(name, Behavior::Cname { target, chased });
+    }
+
     pub fn records(&self, name: &str, ips: &[IpAddr]) {
         self.set(name, Behavior::Records(ips.to_vec(), 3600));
     }
@@ -196,8 +198,23 @@ impl DnsServer {
     }
 }
 
+/// A response to `req` with its question copied back and no answer yet.
+pub fn reply_to(req: &Message, query: &Query) -> Message {
+    let mut resp = Message::new(req.metadata.id, MessageType::Response, OpCode::Query);
+    resp.metadata.recursion_desired = req.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.add_query(query.clone());
+    resp
+}
+
 /// Adds the records of `ips` that answer a query of type `qtype`, as `owner`.
-fn add_addresses(resp: &mut Message, owner: &Name, qtype: RecordType, ips: &[IpAddr], ttl: u32) {
+pub fn add_addresses(
+    resp: &mut Message,
+    owner: &Name,
+    qtype: RecordType,
+    ips: &[IpAddr],
+    ttl: u32,
+) {
     for ip in ips {
         let rdata = match (ip, qtype) {
             (IpAddr::V4(v4), RecordType::A) => RData::A(A(*v4)),
