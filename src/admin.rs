@@ -129,11 +129,23 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         );
     }
     match req.uri().path() {
-        "/metrics" => text(
-            StatusCode::OK,
-            state.metrics.render(),
-            "text/plain; version=0.0.4; charset=utf-8",
-        ),
+        "/metrics" => {
+            let mut body = state.metrics.render();
+            let routes: Vec<_> = state
+                .routes()
+                .into_iter()
+                .map(|r| (r.cfg.name.clone(), r.answer_states().1))
+                .collect();
+            crate::metrics::render_backend_up(
+                &mut body,
+                routes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
+            );
+            text(
+                StatusCode::OK,
+                body,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )
+        }
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain; charset=utf-8"),
         "/readyz" => {
             let failing: Vec<String> = state
@@ -173,21 +185,9 @@ fn status_json(state: &AdminState) -> serde_json::Value {
         .routes()
         .iter()
         .map(|r| {
-            let answer = r
-                .state
-                .answer
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            let addrs = answer
-                .as_ref()
-                .map(|a| a.socket_addrs(r.cfg.port))
-                .unwrap_or_default();
-            let addresses: Vec<serde_json::Value> = r
-                .state
-                .health
-                .status(&addrs)
-                .into_iter()
+            let (answer, states) = r.answer_states();
+            let addresses: Vec<serde_json::Value> = states
+                .iter()
                 .map(|s| {
                     json!({
                         "address": s.addr.to_string(),
@@ -206,7 +206,7 @@ fn status_json(state: &AdminState) -> serde_json::Value {
                 "ready": r.ready().is_ok(),
                 "answer": answer.as_ref().map(|a| json!({
                     "source": a.source.as_str(),
-                    "addresses": addrs.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+                    "addresses": states.iter().map(|x| x.addr.to_string()).collect::<Vec<_>>(),
                     "at": rfc3339(a.at),
                 })),
                 "addresses": addresses,

@@ -58,11 +58,9 @@ pub struct AddrStatus {
     pub last_error: Option<&'static str>,
 }
 
-/// A change of state, for logs and the `backend_up` gauge.
+/// A change of state, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
-    /// First seen (up).
-    New,
     WentDown,
     CameUp,
 }
@@ -104,8 +102,6 @@ pub struct Plan {
     pub first: Option<SocketAddr>,
     /// Down addresses placed at their listed place for their one retry.
     pub retries: Vec<SocketAddr>,
-    /// Addresses never seen before, now known (up).
-    pub new: Vec<SocketAddr>,
 }
 
 impl Health {
@@ -133,11 +129,10 @@ impl Health {
         }
         let first = addrs.first().copied();
         let mut table = lock(&self.addrs);
-        let mut new = Vec::new();
+        // Known from now on, so that /status says since when.
         for a in &addrs {
             if !table.states.contains_key(a) {
                 table.entry(*a);
-                new.push(*a);
             }
         }
         if table.down == 0 {
@@ -145,7 +140,6 @@ impl Health {
                 addrs,
                 first,
                 retries: Vec::new(),
-                new,
             };
         }
         let mut front = Vec::with_capacity(addrs.len());
@@ -167,7 +161,6 @@ impl Health {
             addrs: front,
             first,
             retries,
-            new,
         }
     }
 

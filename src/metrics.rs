@@ -6,14 +6,19 @@
 //! address values only ever come from an answer.
 
 use std::collections::HashMap;
+use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+use metrics_exporter_prometheus::formatting::{
+    sanitize_label_value, write_help_line, write_type_line,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::connect::AttemptResult;
+use crate::health::AddrStatus;
 use crate::resolve::{ResolveErrorKind, Source};
 
 pub const CONNECTIONS_ACCEPTED: &str = "failover_proxy_connections_accepted_total";
@@ -119,10 +124,6 @@ fn describe() {
         "Client connection lifetime."
     );
     describe_gauge!(
-        BACKEND_UP,
-        "1 when an address is up, 0 when it is known down."
-    );
-    describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
@@ -224,9 +225,78 @@ impl RouteMetrics {
         counter!(HEALTH_PROBES, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
             .increment(1);
     }
+}
 
-    pub fn backend_up(&self, addr: SocketAddr, up: bool) {
-        gauge!(BACKEND_UP, "route" => self.route.clone(), "address" => addr.to_string())
-            .set(if up { 1.0 } else { 0.0 });
+/// Appends the `backend_up` gauge to a scrape: one series per address of
+/// each route's last answer, as `/status` shows them, 1 up and 0 known
+/// down. It is rendered from the routes at each scrape rather than kept in
+/// the recorder, because the recorder never forgets a series: an address
+/// taken out of DNS, or a route removed by a reload, would stay at its last
+/// value, and an up address only the probes had seen would be missing.
+pub fn render_backend_up<'a>(
+    out: &mut String,
+    routes: impl IntoIterator<Item = (&'a str, &'a [AddrStatus])>,
+) {
+    let mut header = false;
+    for (route, states) in routes {
+        let route = sanitize_label_value(route);
+        for s in states {
+            if !header {
+                write_help_line(
+                    out,
+                    BACKEND_UP,
+                    None,
+                    None,
+                    "1 when an address of the route's last answer is up, 0 when it is known down.",
+                );
+                write_type_line(out, BACKEND_UP, None, None, "gauge");
+                header = true;
+            }
+            let _ = writeln!(
+                out,
+                "{BACKEND_UP}{{route=\"{route}\",address=\"{}\"}} {}",
+                s.addr,
+                u8::from(s.up)
+            );
+        }
+    }
+    if header {
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    fn state(addr: &str, up: bool) -> AddrStatus {
+        AddrStatus {
+            addr: addr.parse().unwrap(),
+            up,
+            since: SystemTime::now(),
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn backend_up_is_one_family_with_escaped_route_names() {
+        let a = [state("10.0.0.1:80", true), state("[::1]:80", false)];
+        let b = [state("10.0.0.2:80", false)];
+        let mut out = String::from("# earlier families\n\n");
+        render_backend_up(&mut out, [("a", &a[..]), ("", &[][..]), ("q\"\\b", &b[..])]);
+        assert_eq!(
+            out,
+            "# earlier families\n\n\
+             # HELP failover_proxy_backend_up 1 when an address of the route's last answer is up, 0 when it is known down.\n\
+             # TYPE failover_proxy_backend_up gauge\n\
+             failover_proxy_backend_up{route=\"a\",address=\"10.0.0.1:80\"} 1\n\
+             failover_proxy_backend_up{route=\"a\",address=\"[::1]:80\"} 0\n\
+             failover_proxy_backend_up{route=\"q\\\"\\\\b\",address=\"10.0.0.2:80\"} 0\n\n"
+        );
+        // No address anywhere: no family, not an empty one.
+        let mut none = String::new();
+        render_backend_up(&mut none, [("a", &[][..])]);
+        assert_eq!(none, "");
     }
 }

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::{HealthConfig, RouteConfig};
 use crate::connect::{Attempt, AttemptResult, AttemptsDisplay, connect_staggered};
-use crate::health::{Health, Transition};
+use crate::health::{AddrStatus, Health, Transition};
 use crate::metrics::{FailReason, RouteMetrics};
 use crate::relay::{Counts, End, relay};
 use crate::resolve::{Answer, ResolveError, Resolver};
@@ -176,18 +176,26 @@ impl Route {
     }
 
     pub fn transition(&self, addr: SocketAddr, t: Transition, why: &str) {
-        let m = &self.state.metrics;
         match t {
-            Transition::New => m.backend_up(addr, true),
             Transition::CameUp => {
-                m.backend_up(addr, true);
                 tracing::info!(route = %self.cfg.name, upstream.addr = %addr, why, "address up");
             }
             Transition::WentDown => {
-                m.backend_up(addr, false);
                 tracing::warn!(route = %self.cfg.name, upstream.addr = %addr, why, "address marked down");
             }
         }
+    }
+
+    /// The last answer and the state of each of its addresses, in its
+    /// order: what `/status` and the `backend_up` gauge show.
+    pub fn answer_states(&self) -> (Option<Answer>, Vec<AddrStatus>) {
+        let answer = lock(&self.state.answer).clone();
+        let addrs = answer
+            .as_ref()
+            .map(|a| a.socket_addrs(self.cfg.port))
+            .unwrap_or_default();
+        let states = self.state.health.status(&addrs);
+        (answer, states)
     }
 
     /// Whether the route can serve: resolved at least once, and one address
@@ -360,9 +368,6 @@ async fn resolve_and_connect(
     let plan = st
         .health
         .plan(answer.socket_addrs(cfg.port), cfg.order, Instant::now());
-    for a in &plan.new {
-        route.transition(*a, Transition::New, "answer");
-    }
     let mut attempts: Vec<Attempt> = Vec::with_capacity(plan.addrs.len());
     let connected = connect_staggered(
         &plan.addrs,

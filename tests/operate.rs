@@ -387,3 +387,97 @@ async fn malformed_and_mismatched_dns_answers_are_errors_not_panics() {
     dns.records("bad.test", &[ip(79)]);
     assert_eq!(id_via(proxy.addr()).await, "b");
 }
+
+/// `backend_up` is what a dashboard and the shipped alert read to tell
+/// whether a route can serve, so it must describe the route's answer as it
+/// is now: an address only the probes have seen counts, and an address
+/// gone from the answer (a server taken out of DNS) or from the
+/// configuration (a route removed by a reload) is no longer shown.
+#[tokio::test]
+async fn backend_up_shows_every_address_of_the_last_answer_and_only_those() {
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let server = std::net::TcpListener::bind(SocketAddr::new(ip(111), 0)).unwrap();
+    let up = server.local_addr().unwrap();
+    let down = SocketAddr::new(ip(112), up.port());
+    let _down = refusing_on(down);
+    let moved = SocketAddr::new(ip(113), up.port());
+    let _moved = std::net::TcpListener::bind(moved).unwrap();
+    std::fs::write(
+        &hosts,
+        format!("{} bu.test\n{} bu.test\n", up.ip(), down.ip()),
+    )
+    .unwrap();
+    let dns = DnsServer::start().await;
+    let route = |name: &str, listen: &str, alias: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"{listen}\"\nalias = \"{alias}\"\nport = {}\n",
+            up.port()
+        )
+    };
+    let tail = format!(
+        "[health]\ninterval = \"100ms\"\n[resolver]\n{}",
+        resolver_toml(dns.addr, Some(&hosts))
+    );
+    let proxy = start(config(&format!(
+        "{}{tail}",
+        route("bu", "127.0.0.114:0", "bu.test")
+    )));
+    let admin = proxy.admin.expect("admin endpoint");
+    // The series of one route, sorted by address.
+    let shown = |route: &'static str| async move {
+        let s = scrape(admin).await;
+        let mut v: Vec<(String, String)> = s
+            .lines()
+            .filter_map(|l| l.strip_prefix("failover_proxy_backend_up{"))
+            .filter_map(|l| l.strip_prefix(&format!("route=\"{route}\",address=\"")))
+            .filter_map(|l| l.split_once("\"} "))
+            .map(|(a, v)| (a.to_string(), v.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+    let series = |v: &[(SocketAddr, &str)]| -> Vec<(String, String)> {
+        let mut v: Vec<_> = v
+            .iter()
+            .map(|(a, x)| (a.to_string(), x.to_string()))
+            .collect();
+        v.sort();
+        v
+    };
+
+    // No client has connected: the probes alone tell which address is up.
+    let want = series(&[(up, "1"), (down, "0")]);
+    eventually(
+        "backend_up of both addresses, from the probes alone",
+        || async { shown("bu").await == want },
+    )
+    .await;
+
+    // Both servers leave the answer for a third: their series go, and the
+    // new address is shown up.
+    std::fs::write(&hosts, format!("{} bu.test\n", moved.ip())).unwrap();
+    let want = series(&[(moved, "1")]);
+    eventually("backend_up of the new answer only", || async {
+        shown("bu").await == want
+    })
+    .await;
+
+    // A reload replaces the route with another: the removed route's series
+    // go with it.
+    let next = config(&format!(
+        "{}{tail}",
+        route("bu2", "127.0.0.115:0", &moved.ip().to_string())
+    ));
+    proxy
+        .control
+        .send(failover_proxy::Control::Reload(Box::new(next)))
+        .await
+        .unwrap();
+    let want = series(&[(moved, "1")]);
+    eventually("backend_up of the new route only", || async {
+        shown("bu").await.is_empty() && shown("bu2").await == want
+    })
+    .await;
+    drop(server);
+}
