@@ -122,13 +122,18 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
     let p = Running::spawn(&cfg);
     let addr = listen_addr(&p.wait_line("\"listening\""));
 
-    // Served by the second address: a WARN line, then the connection's line.
+    // Served by the second address: the first is marked down, then a WARN
+    // for the failover, then the connection's line.
     let (id, client) = exchange(addr, b"abc").await;
     assert_eq!(id, "b67");
     let tried = vec![
         (dead.to_string(), "refused".to_string()),
         (live.to_string(), "ok".to_string()),
     ];
+    let (level, f) = log_fields(&p.wait_line("address marked down"));
+    assert_eq!(level, "WARN");
+    assert_eq!(f["upstream.addr"], dead.to_string());
+    assert_eq!(f["why"], "refused");
     let (level, f) = log_fields(&p.wait_line("served by other than the first address"));
     assert_eq!(level, "WARN");
     assert_eq!(f["route"], "cluster.test");
