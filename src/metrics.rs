@@ -280,6 +280,25 @@ mod tests {
     }
 
     #[test]
+    fn the_attempt_handle_cache_is_bounded_and_kept_while_it_has_room() {
+        let m = RouteMetrics::new("cache");
+        let addr = |i: usize| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 80));
+        let cached = || m.attempts.lock().unwrap().len();
+        for i in 0..MAX_CACHED_SERIES {
+            m.attempt(addr(i), AttemptResult::Ok);
+            assert_eq!(
+                cached(),
+                i + 1,
+                "every new series is cached while there is room"
+            );
+        }
+        m.attempt(addr(0), AttemptResult::Ok);
+        assert_eq!(cached(), MAX_CACHED_SERIES, "a known series clears nothing");
+        m.attempt(addr(MAX_CACHED_SERIES), AttemptResult::Ok);
+        assert_eq!(cached(), 1, "a new series on a full cache starts it afresh");
+    }
+
+    #[test]
     fn backend_up_is_one_family_with_escaped_route_names() {
         let a = [state("10.0.0.1:80", true), state("[::1]:80", false)];
         let b = [state("10.0.0.2:80", false)];
