@@ -1,8 +1,9 @@
 //! Per-address health of one route, and the order in which a connection
 //! tries the addresses of an answer.
 //!
-//! Only addresses known to be down are stored: an address never seen failing
-//! is up, so the table stays as small as the set of broken servers.
+//! The table holds the addresses of the route's answers with what is known
+//! of each: an address never seen failing is up. It is bounded: past
+//! `MAX_ADDRS`, up addresses are forgotten first, then the one down longest.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +25,8 @@ struct Down {
     /// A connection has taken the retry and not reported back yet, so
     /// concurrent connections do not all pile onto a dead server.
     retry_taken: bool,
+    /// Orders the down addresses by when they went down (`Table::marked`).
+    marked: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +84,8 @@ struct Table {
     states: HashMap<SocketAddr, AddrState>,
     /// How many states are down: zero lets a connection skip reordering.
     down: usize,
+    /// Bumped each time an address goes down.
+    marked: u64,
 }
 
 impl Table {
@@ -88,6 +93,19 @@ impl Table {
         if self.states.len() >= MAX_ADDRS && !self.states.contains_key(&addr) {
             // Forget the up addresses: nothing is lost but their "since".
             self.states.retain(|_, s| s.down.is_some());
+            if self.states.len() >= MAX_ADDRS {
+                // All down, as when an answer churns through dead servers:
+                // forget the one down longest, so the table stays bounded.
+                let oldest = self
+                    .states
+                    .iter()
+                    .filter_map(|(a, s)| Some((s.down.as_ref()?.marked, *a)))
+                    .min();
+                if let Some((_, a)) = oldest {
+                    self.states.remove(&a);
+                    self.down -= 1;
+                }
+            }
         }
         self.states.entry(addr).or_insert_with(AddrState::new)
     }
@@ -183,6 +201,9 @@ impl Health {
     pub fn mark_down(&self, addr: SocketAddr, now: Instant, error: &'static str) -> bool {
         let mut table = lock(&self.addrs);
         let base = self.retry_base;
+        // A sequence: the gaps left by addresses already down do no harm.
+        table.marked += 1;
+        let marked = table.marked;
         let s = table.entry(addr);
         s.last_error = Some(error);
         match &mut s.down {
@@ -197,6 +218,7 @@ impl Health {
                     retry_at: now + base,
                     backoff: base,
                     retry_taken: false,
+                    marked,
                 });
                 s.since = SystemTime::now();
                 table.down += 1;
@@ -339,6 +361,25 @@ mod tests {
         h.plan(vec![addr(MAX_ADDRS)], Order::Listed, now);
         assert_eq!(last_error(up), None);
         assert!(h.is_down(down));
+    }
+
+    #[test]
+    fn a_table_full_of_down_addresses_forgets_the_one_down_longest() {
+        let h = Health::new(Duration::from_secs(1));
+        let now = Instant::now();
+        let addr = |i: usize| SocketAddr::from(([127, 1, (i / 256) as u8, (i % 256) as u8], 80));
+        for i in 0..MAX_ADDRS {
+            h.mark_down(addr(i), now, "refused");
+        }
+        // Failing again does not make an address newer: it went down first.
+        h.mark_down(addr(0), now, "refused");
+        h.mark_down(addr(MAX_ADDRS), now, "refused");
+        let table = lock(&h.addrs);
+        assert_eq!(table.states.len(), MAX_ADDRS, "bounded");
+        assert_eq!(table.down, MAX_ADDRS, "the down count follows");
+        assert!(!table.states.contains_key(&addr(0)));
+        assert!(table.states.contains_key(&addr(1)));
+        assert!(table.states.contains_key(&addr(MAX_ADDRS)));
     }
 
     #[tokio::test(start_paused = true)]
