@@ -131,15 +131,18 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     match req.uri().path() {
         "/metrics" => {
             let mut body = state.metrics.render();
-            let routes: Vec<_> = state
-                .routes()
-                .into_iter()
-                .map(|r| (r.cfg.name.clone(), r.answer_states().1))
+            let routes = state.routes();
+            let backends: Vec<_> = routes.iter().map(|r| r.answer_states().1).collect();
+            let series: Vec<_> = routes
+                .iter()
+                .zip(&backends)
+                .map(|(r, b)| crate::metrics::RouteSeries {
+                    name: &r.cfg.name,
+                    metrics: &r.state.metrics,
+                    backends: b,
+                })
                 .collect();
-            crate::metrics::render_backend_up(
-                &mut body,
-                routes.iter().map(|(n, s)| (n.as_str(), s.as_slice())),
-            );
+            crate::metrics::render_routes(&mut body, &series);
             text(
                 StatusCode::OK,
                 body,

@@ -46,6 +46,16 @@ pub enum AttemptResult {
 }
 
 impl AttemptResult {
+    /// Every result, in the order of their discriminants.
+    pub const ALL: [AttemptResult; 6] = [
+        AttemptResult::Ok,
+        AttemptResult::Refused,
+        AttemptResult::Timeout,
+        AttemptResult::Abandoned,
+        AttemptResult::Loop,
+        AttemptResult::Error,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             AttemptResult::Ok => "ok",

@@ -94,11 +94,6 @@ fn describe() {
         "Client connections reset: the alias did not resolve, no address connected, or the route was at max_connections."
     );
     describe_counter!(
-        UPSTREAM_ATTEMPTS,
-        "Connection attempts to servers, by result."
-    );
-    describe_counter!(HEALTH_PROBES, "Active health probes, by result.");
-    describe_counter!(
         FAILOVERS,
         "Connections served by other than the first listed address."
     );
@@ -140,7 +135,6 @@ pub enum FailReason {
 /// One route's series.
 #[derive(Debug)]
 pub struct RouteMetrics {
-    route: String,
     pub accepted: Counter,
     pub active: Gauge,
     failed: [Counter; 3],
@@ -153,11 +147,31 @@ pub struct RouteMetrics {
     pub bytes_to_upstream: Counter,
     pub bytes_to_client: Counter,
     pub connection_duration: Histogram,
-    attempts: Mutex<HashMap<(SocketAddr, AttemptResult), Counter>>,
+    counted: Mutex<Counted>,
 }
 
-/// Attempt counters cached per route.
-const MAX_CACHED_SERIES: usize = 1024;
+/// Addresses whose attempts and probes a route counts. Past this, the
+/// address counted least recently is dropped with its series: a churning
+/// answer must not grow the process and every scrape without end.
+const MAX_COUNTED_ADDRS: usize = 1024;
+
+/// The address-labelled counters of one route. They are kept here and
+/// rendered at each scrape (`render_routes`), not in the recorder, which
+/// cannot drop a series.
+#[derive(Debug, Default)]
+struct Counted {
+    by_addr: HashMap<SocketAddr, AddrCounts>,
+    /// Bumped by every count; orders the addresses by their last one.
+    tick: u64,
+}
+
+#[derive(Debug, Default)]
+struct AddrCounts {
+    /// Indexed by `AttemptResult as usize`.
+    attempts: [u64; AttemptResult::ALL.len()],
+    probes: [u64; AttemptResult::ALL.len()],
+    last: u64,
+}
 
 impl RouteMetrics {
     pub fn new(route: &str) -> RouteMetrics {
@@ -183,8 +197,7 @@ impl RouteMetrics {
             bytes_to_upstream: counter!(BYTES, "route" => r.clone(), "direction" => "to_upstream"),
             bytes_to_client: counter!(BYTES, "route" => r.clone(), "direction" => "to_client"),
             connection_duration: histogram!(CONNECTION_DURATION, "route" => r.clone()),
-            attempts: Mutex::new(HashMap::new()),
-            route: r,
+            counted: Mutex::new(Counted::default()),
         }
     }
 
@@ -204,67 +217,128 @@ impl RouteMetrics {
         }
     }
 
-    /// Counted per connection: the handle is looked up once per address
-    /// and result, not built (two strings, a label hash) every time.
     pub fn attempt(&self, addr: SocketAddr, result: AttemptResult) {
-        let mut cache = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= MAX_CACHED_SERIES && !cache.contains_key(&(addr, result)) {
-            // A churning answer must not grow this without end; the series
-            // themselves live on in the recorder.
-            cache.clear();
-        }
-        cache
-            .entry((addr, result))
-            .or_insert_with(|| {
-                counter!(UPSTREAM_ATTEMPTS, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
-            })
-            .increment(1);
+        self.count(addr, |c| c.attempts[result as usize] += 1);
     }
 
     pub fn probe(&self, addr: SocketAddr, result: AttemptResult) {
-        counter!(HEALTH_PROBES, "route" => self.route.clone(), "address" => addr.to_string(), "result" => result.as_str())
-            .increment(1);
+        self.count(addr, |c| c.probes[result as usize] += 1);
+    }
+
+    fn count(&self, addr: SocketAddr, add: impl FnOnce(&mut AddrCounts)) {
+        let mut c = self.counted.lock().unwrap_or_else(|p| p.into_inner());
+        c.tick += 1;
+        let tick = c.tick;
+        if c.by_addr.len() >= MAX_COUNTED_ADDRS && !c.by_addr.contains_key(&addr) {
+            // Only a full table pays for this scan, once per new address.
+            let stalest = c
+                .by_addr
+                .iter()
+                .min_by_key(|(_, v)| v.last)
+                .map(|(a, _)| *a);
+            if let Some(a) = stalest {
+                c.by_addr.remove(&a);
+            }
+        }
+        let e = c.by_addr.entry(addr).or_default();
+        e.last = tick;
+        add(e);
     }
 }
 
-/// Appends the `backend_up` gauge to a scrape: one series per address of
-/// each route's last answer, as `/status` shows them, 1 up and 0 known
-/// down. It is rendered from the routes at each scrape rather than kept in
-/// the recorder, because the recorder never forgets a series: an address
-/// taken out of DNS, or a route removed by a reload, would stay at its last
-/// value, and an up address only the probes had seen would be missing.
-pub fn render_backend_up<'a>(
-    out: &mut String,
-    routes: impl IntoIterator<Item = (&'a str, &'a [AddrStatus])>,
-) {
-    let mut header = false;
-    for (route, states) in routes {
-        let route = sanitize_label_value(route);
-        for s in states {
-            if !header {
-                write_help_line(
-                    out,
-                    BACKEND_UP,
-                    None,
-                    None,
-                    "1 when an address of the route's last answer is up, 0 when it is known down.",
-                );
-                write_type_line(out, BACKEND_UP, None, None, "gauge");
-                header = true;
-            }
+/// What a scrape shows of one route beyond the recorder's series.
+pub struct RouteSeries<'a> {
+    pub name: &'a str,
+    pub metrics: &'a RouteMetrics,
+    /// The last answer's addresses and their health, as `/status` has them.
+    pub backends: &'a [AddrStatus],
+}
+
+/// Appends the address-labelled families to a scrape. The two counters
+/// hold the addresses each route has counted (at most
+/// `MAX_COUNTED_ADDRS`). The `backend_up` gauge has one series per address
+/// of each route's last answer, 1 up and 0 known down: the recorder would
+/// keep an address taken out of DNS, or a route removed by a reload, at its
+/// last value, and miss an up address that only the probes had seen.
+pub fn render_routes(out: &mut String, routes: &[RouteSeries<'_>]) {
+    let mut lines = String::new();
+    counters(&mut lines, routes, UPSTREAM_ATTEMPTS, |c| &c.attempts);
+    family(
+        out,
+        UPSTREAM_ATTEMPTS,
+        "counter",
+        "Connection attempts to servers, by result.",
+        &lines,
+    );
+    lines.clear();
+    counters(&mut lines, routes, HEALTH_PROBES, |c| &c.probes);
+    family(
+        out,
+        HEALTH_PROBES,
+        "counter",
+        "Active health probes, by result.",
+        &lines,
+    );
+    lines.clear();
+    for r in routes {
+        let route = sanitize_label_value(r.name);
+        for s in r.backends {
             let _ = writeln!(
-                out,
+                lines,
                 "{BACKEND_UP}{{route=\"{route}\",address=\"{}\"}} {}",
                 s.addr,
                 u8::from(s.up)
             );
         }
     }
-    if header {
-        out.push('\n');
+    family(
+        out,
+        BACKEND_UP,
+        "gauge",
+        "1 when an address of the route's last answer is up, 0 when it is known down.",
+        &lines,
+    );
+}
+
+/// The series of one address-labelled counter, every route's addresses in
+/// order, a result only once it has counted something (as the recorder
+/// shows a series only once it exists).
+fn counters(
+    lines: &mut String,
+    routes: &[RouteSeries<'_>],
+    name: &str,
+    pick: impl Fn(&AddrCounts) -> &[u64; AttemptResult::ALL.len()],
+) {
+    for r in routes {
+        let route = sanitize_label_value(r.name);
+        let c = r.metrics.counted.lock().unwrap_or_else(|p| p.into_inner());
+        let mut addrs: Vec<_> = c.by_addr.iter().collect();
+        addrs.sort_by_key(|(a, _)| **a);
+        for (a, counts) in addrs {
+            for (result, n) in AttemptResult::ALL.iter().zip(pick(counts)) {
+                if *n > 0 {
+                    let _ = writeln!(
+                        lines,
+                        "{name}{{route=\"{route}\",address=\"{a}\",result=\"{}\"}} {n}",
+                        result.as_str()
+                    );
+                }
+            }
+        }
     }
 }
 
+/// One metric family as the recorder writes them: help, type, the series,
+/// a blank line; nothing at all without a series.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, lines: &str) {
+    if lines.is_empty() {
+        return;
+    }
+    write_help_line(out, name, None, None, help);
+    write_type_line(out, name, None, None, kind);
+    out.push_str(lines);
+    out.push('\n');
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,43 +353,95 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_attempt_handle_cache_is_bounded_and_kept_while_it_has_room() {
-        let m = RouteMetrics::new("cache");
-        let addr = |i: usize| SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 80));
-        let cached = || m.attempts.lock().unwrap().len();
-        for i in 0..MAX_CACHED_SERIES {
-            m.attempt(addr(i), AttemptResult::Ok);
-            assert_eq!(
-                cached(),
-                i + 1,
-                "every new series is cached while there is room"
-            );
-        }
-        m.attempt(addr(0), AttemptResult::Ok);
-        assert_eq!(cached(), MAX_CACHED_SERIES, "a known series clears nothing");
-        m.attempt(addr(MAX_CACHED_SERIES), AttemptResult::Ok);
-        assert_eq!(cached(), 1, "a new series on a full cache starts it afresh");
+    fn addr(i: usize) -> SocketAddr {
+        SocketAddr::from(([10, 0, (i >> 8) as u8, i as u8], 80))
+    }
+
+    fn counted(m: &RouteMetrics) -> Vec<SocketAddr> {
+        let mut v: Vec<_> = m.counted.lock().unwrap().by_addr.keys().copied().collect();
+        v.sort();
+        v
     }
 
     #[test]
-    fn backend_up_is_one_family_with_escaped_route_names() {
-        let a = [state("10.0.0.1:80", true), state("[::1]:80", false)];
-        let b = [state("10.0.0.2:80", false)];
+    fn a_full_table_drops_the_address_counted_least_recently() {
+        let m = RouteMetrics::new("churn");
+        for i in 0..MAX_COUNTED_ADDRS {
+            m.attempt(addr(i), AttemptResult::Ok);
+        }
+        assert_eq!(counted(&m).len(), MAX_COUNTED_ADDRS);
+        // Counting a known address again drops nothing and makes it the
+        // most recent, so the next newcomer replaces address 1, not 0.
+        m.probe(addr(0), AttemptResult::Refused);
+        assert_eq!(counted(&m).len(), MAX_COUNTED_ADDRS);
+        m.attempt(addr(MAX_COUNTED_ADDRS), AttemptResult::Timeout);
+        let now = counted(&m);
+        assert_eq!(now.len(), MAX_COUNTED_ADDRS);
+        assert!(now.contains(&addr(0)) && now.contains(&addr(MAX_COUNTED_ADDRS)));
+        assert!(!now.contains(&addr(1)), "the least recently counted goes");
+        m.attempt(addr(MAX_COUNTED_ADDRS + 1), AttemptResult::Ok);
+        assert!(!counted(&m).contains(&addr(2)));
+    }
+
+    #[test]
+    fn route_series_are_whole_families_with_escaped_route_names() {
+        let a = RouteMetrics::new("a");
+        a.attempt(addr(2), AttemptResult::Refused);
+        a.attempt(addr(2), AttemptResult::Refused);
+        a.attempt(addr(1), AttemptResult::Ok);
+        a.probe(addr(1), AttemptResult::Timeout);
+        let quoted = RouteMetrics::new("q\"\\b");
+        quoted.attempt(addr(3), AttemptResult::Loop);
+        let up = [state("10.0.0.1:80", true), state("[::1]:80", false)];
+        let down = [state("10.0.0.3:80", false)];
         let mut out = String::from("# earlier families\n\n");
-        render_backend_up(&mut out, [("a", &a[..]), ("", &[][..]), ("q\"\\b", &b[..])]);
+        render_routes(
+            &mut out,
+            &[
+                RouteSeries {
+                    name: "a",
+                    metrics: &a,
+                    backends: &up,
+                },
+                RouteSeries {
+                    name: "empty",
+                    metrics: &RouteMetrics::new("empty"),
+                    backends: &[],
+                },
+                RouteSeries {
+                    name: "q\"\\b",
+                    metrics: &quoted,
+                    backends: &down,
+                },
+            ],
+        );
         assert_eq!(
             out,
             "# earlier families\n\n\
+             # HELP failover_proxy_upstream_connect_attempts_total Connection attempts to servers, by result.\n\
+             # TYPE failover_proxy_upstream_connect_attempts_total counter\n\
+             failover_proxy_upstream_connect_attempts_total{route=\"a\",address=\"10.0.0.1:80\",result=\"ok\"} 1\n\
+             failover_proxy_upstream_connect_attempts_total{route=\"a\",address=\"10.0.0.2:80\",result=\"refused\"} 2\n\
+             failover_proxy_upstream_connect_attempts_total{route=\"q\\\"\\\\b\",address=\"10.0.0.3:80\",result=\"loop\"} 1\n\n\
+             # HELP failover_proxy_health_probes_total Active health probes, by result.\n\
+             # TYPE failover_proxy_health_probes_total counter\n\
+             failover_proxy_health_probes_total{route=\"a\",address=\"10.0.0.1:80\",result=\"timeout\"} 1\n\n\
              # HELP failover_proxy_backend_up 1 when an address of the route's last answer is up, 0 when it is known down.\n\
              # TYPE failover_proxy_backend_up gauge\n\
              failover_proxy_backend_up{route=\"a\",address=\"10.0.0.1:80\"} 1\n\
              failover_proxy_backend_up{route=\"a\",address=\"[::1]:80\"} 0\n\
-             failover_proxy_backend_up{route=\"q\\\"\\\\b\",address=\"10.0.0.2:80\"} 0\n\n"
+             failover_proxy_backend_up{route=\"q\\\"\\\\b\",address=\"10.0.0.3:80\"} 0\n\n"
         );
-        // No address anywhere: no family, not an empty one.
+        // Nothing counted and no answer: no family at all, not empty ones.
         let mut none = String::new();
-        render_backend_up(&mut none, [("a", &[][..])]);
+        render_routes(
+            &mut none,
+            &[RouteSeries {
+                name: "a",
+                metrics: &RouteMetrics::new("a"),
+                backends: &[],
+            }],
+        );
         assert_eq!(none, "");
     }
 }

@@ -481,3 +481,85 @@ async fn backend_up_shows_every_address_of_the_last_answer_and_only_those() {
     .await;
     drop(server);
 }
+
+/// An alias whose answer churns through new addresses (servers replaced,
+/// pods rescheduled) must not grow the process or the scrape without end:
+/// a route counts attempts and probes for at most 1,024 addresses.
+#[tokio::test]
+async fn address_series_stay_bounded_while_the_answer_churns() {
+    // Bound on every address and listening on none: each one refuses.
+    let (_refusing, port) = {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = s.local_addr().unwrap().port();
+        (s, port)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    let addr = |b: usize, i: usize| {
+        SocketAddr::new(
+            std::net::Ipv4Addr::new(127, 2 + b as u8, (i / 250) as u8, (i % 250 + 1) as u8).into(),
+            port,
+        )
+    };
+    let write = |b: usize| {
+        let text: String = (0..300)
+            .map(|i| format!("{} churn.test\n", addr(b, i).ip()))
+            .collect();
+        let tmp = dir.path().join("hosts.new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &hosts).unwrap();
+    };
+    write(0);
+    let dns = DnsServer::start().await;
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"churn\"\nlisten = \"127.0.0.116:0\"\nalias = \"churn.test\"\nport = {port}\n\
+         [health]\ninterval = \"100ms\"\n[resolver]\n{}",
+        resolver_toml(dns.addr, Some(&hosts))
+    )));
+    let admin = proxy.admin.expect("admin endpoint");
+    let probed = |s: &str| -> Vec<String> {
+        s.lines()
+            .filter(|l| l.starts_with("failover_proxy_health_probes_total{route=\"churn\""))
+            .map(|l| {
+                l.split("address=\"")
+                    .nth(1)
+                    .unwrap()
+                    .split('"')
+                    .next()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    // Five answers of 300 new addresses each: 1,500 addresses probed.
+    for b in 0..5 {
+        write(b);
+        let last = addr(b, 299).to_string();
+        eventually("the whole answer probed", || async {
+            probed(&scrape(admin).await).contains(&last)
+        })
+        .await;
+    }
+    let s = scrape(admin).await;
+    let series = probed(&s);
+    assert_eq!(
+        series.len(),
+        1024,
+        "one probe series per address, 1,024 at most"
+    );
+    assert!(
+        series.contains(&addr(4, 299).to_string()),
+        "the newest are kept"
+    );
+    assert!(
+        !series.contains(&addr(0, 0).to_string()),
+        "the oldest are dropped"
+    );
+    // backend_up shows the current answer only.
+    let up = s
+        .lines()
+        .filter(|l| l.starts_with("failover_proxy_backend_up{route=\"churn\""))
+        .count();
+    assert_eq!(up, 300);
+}
