@@ -2,7 +2,9 @@
 //!
 //! Per-route handles are registered once when a route starts, so the
 //! per-connection path increments atomics instead of hashing label sets.
-//! Only the address-labelled series are looked up per event, and their
+//! The address-labelled series are not in the recorder: each route counts
+//! attempts and probes in a bounded table of its own, and `backend_up` is
+//! read from its last answer, both written out at each scrape. Their
 //! address values only ever come from an answer.
 
 use std::collections::HashMap;
