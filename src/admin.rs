@@ -132,14 +132,12 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         "/metrics" => {
             let mut body = state.metrics.render();
             let routes = state.routes();
-            let backends: Vec<_> = routes.iter().map(|r| r.answer_states().1).collect();
             let series: Vec<_> = routes
                 .iter()
-                .zip(&backends)
-                .map(|(r, b)| crate::metrics::RouteSeries {
+                .map(|r| crate::metrics::RouteSeries {
                     name: &r.cfg.name,
                     metrics: &r.state.metrics,
-                    backends: b,
+                    backends: r.answer_states().1,
                 })
                 .collect();
             crate::metrics::render_routes(&mut body, &series);

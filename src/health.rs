@@ -149,9 +149,7 @@ impl Health {
         let mut table = lock(&self.addrs);
         // Known from now on, so that /status says since when.
         for a in &addrs {
-            if !table.states.contains_key(a) {
-                table.entry(*a);
-            }
+            table.entry(*a);
         }
         if table.down == 0 {
             return Plan {
@@ -273,7 +271,8 @@ impl Health {
         }
     }
 
-    pub fn is_down(&self, addr: SocketAddr) -> bool {
+    #[cfg(test)]
+    fn is_down(&self, addr: SocketAddr) -> bool {
         lock(&self.addrs)
             .states
             .get(&addr)

@@ -253,7 +253,7 @@ pub struct RouteSeries<'a> {
     pub name: &'a str,
     pub metrics: &'a RouteMetrics,
     /// The last answer's addresses and their health, as `/status` has them.
-    pub backends: &'a [AddrStatus],
+    pub backends: Vec<AddrStatus>,
 }
 
 /// Appends the address-labelled families to a scrape. The two counters
@@ -284,7 +284,7 @@ pub fn render_routes(out: &mut String, routes: &[RouteSeries<'_>]) {
     lines.clear();
     for r in routes {
         let route = sanitize_label_value(r.name);
-        for s in r.backends {
+        for s in &r.backends {
             let _ = writeln!(
                 lines,
                 "{BACKEND_UP}{{route=\"{route}\",address=\"{}\"}} {}",
@@ -403,17 +403,17 @@ mod tests {
                 RouteSeries {
                     name: "a",
                     metrics: &a,
-                    backends: &up,
+                    backends: up.to_vec(),
                 },
                 RouteSeries {
                     name: "empty",
                     metrics: &RouteMetrics::new("empty"),
-                    backends: &[],
+                    backends: Vec::new(),
                 },
                 RouteSeries {
                     name: "q\"\\b",
                     metrics: &quoted,
-                    backends: &down,
+                    backends: down.to_vec(),
                 },
             ],
         );
@@ -441,7 +441,7 @@ mod tests {
             &[RouteSeries {
                 name: "a",
                 metrics: &RouteMetrics::new("a"),
-                backends: &[],
+                backends: Vec::new(),
             }],
         );
         assert_eq!(none, "");

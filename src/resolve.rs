@@ -236,13 +236,7 @@ impl Resolver {
             let servers = cfg
                 .nameservers
                 .iter()
-                .map(|a| {
-                    let mut ns = NameServerConfig::udp_and_tcp(a.ip());
-                    for c in &mut ns.connections {
-                        c.port = a.port();
-                    }
-                    ns
-                })
+                .map(|a| on_port(NameServerConfig::udp_and_tcp(a.ip()), a.port()))
                 .collect();
             let listed = DnsConfig::from_parts(None, Vec::new(), servers);
             Nameservers::Listed(build(&listed, ResolverOpts::default(), cfg.timeout)?)
@@ -568,6 +562,14 @@ async fn lookup(
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";
 
+/// `ns` asked on `port`, over UDP and TCP alike.
+fn on_port(mut ns: NameServerConfig, port: u16) -> NameServerConfig {
+    for c in &mut ns.connections {
+        c.port = port;
+    }
+    ns
+}
+
 /// The DNS servers a resolver asks.
 enum Nameservers {
     /// `resolver.nameservers`: fixed for the resolver's life.
@@ -675,12 +677,7 @@ impl SystemConf {
             .name_servers()
             .iter()
             .cloned()
-            .map(|mut ns| {
-                for c in &mut ns.connections {
-                    c.port = port;
-                }
-                ns
-            })
+            .map(|ns| on_port(ns, port))
             .collect();
         dns_cfg = DnsConfig::from_parts(
             dns_cfg.domain().cloned(),
@@ -785,16 +782,16 @@ const RACY_COARSE: Duration = Duration::from_secs(3);
 const EMPTY_REWRITE: Duration = Duration::from_secs(2);
 
 impl FileStamp {
-    /// Whether the file changed too recently for its stamp to prove that it
-    /// has not changed since (git's "racy" rule for its index). Such a file
-    /// is read again; only a stamp older than the timestamp granularity is
-    /// trusted.
     /// Whether this stamp, taken now, proves the file unchanged since it
     /// was read with the `cached` stamp: the same, and old enough to trust.
     fn proves_unchanged_since(&self, cached: Option<FileStamp>, now: SystemTime) -> bool {
         cached == Some(*self) && !self.is_recent_at(now)
     }
 
+    /// Whether the file changed too recently for its stamp to prove that it
+    /// has not changed since (git's "racy" rule for its index). Such a file
+    /// is read again; only a stamp older than the timestamp granularity is
+    /// trusted.
     fn is_recent_at(&self, now: SystemTime) -> bool {
         let window = if self.mtime.1 == 0 && self.ctime.1 == 0 {
             RACY_COARSE

@@ -201,18 +201,14 @@ impl Route {
     /// Whether the route can serve: resolved at least once, and one address
     /// of the last answer is not known to be down. `Err` says why not.
     pub fn ready(&self) -> Result<(), String> {
-        let answer = lock(&self.state.answer);
-        let Some(a) = answer.as_ref() else {
-            return Err("alias not resolved yet".into());
-        };
-        if a.addrs.is_empty() {
-            return Err("alias has no address".into());
+        match self.answer_states() {
+            (None, _) => Err("alias not resolved yet".into()),
+            (Some(_), states) if states.is_empty() => Err("alias has no address".into()),
+            (Some(_), states) if states.iter().all(|s| !s.up) => {
+                Err("every address is down".into())
+            }
+            _ => Ok(()),
         }
-        let addrs = a.socket_addrs(self.cfg.port);
-        if addrs.iter().all(|x| self.state.health.is_down(*x)) {
-            return Err("every address is down".into());
-        }
-        Ok(())
     }
 }
 
