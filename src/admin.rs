@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 
 use crate::listener::Current;
+use crate::route::{OwnListeners, Route};
 
 /// What the endpoint reads: the metrics handle and the routes serving now.
 pub struct AdminState {
@@ -25,13 +26,19 @@ pub struct AdminState {
 }
 
 impl AdminState {
-    fn routes(&self) -> Vec<Arc<crate::route::Route>> {
-        self.routes
+    /// The routes serving now, and the listeners they are: what the loop
+    /// guard of each route's connections skips, here without asking the
+    /// server for it.
+    fn routes(&self) -> (Vec<Arc<Route>>, OwnListeners) {
+        let routes: Vec<Arc<Route>> = self
+            .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
             .map(|c| c.get())
-            .collect()
+            .collect();
+        let own = OwnListeners(routes.iter().map(|r| r.cfg.listen).collect());
+        (routes, own)
     }
 }
 
@@ -131,13 +138,13 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     match req.uri().path() {
         "/metrics" => {
             let mut body = state.metrics.render();
-            let routes = state.routes();
+            let (routes, own) = state.routes();
             let series: Vec<_> = routes
                 .iter()
                 .map(|r| crate::metrics::RouteSeries {
                     name: &r.cfg.name,
                     metrics: &r.state.metrics,
-                    backends: r.answer_states().1,
+                    backends: r.answer_states(&own).1,
                 })
                 .collect();
             crate::metrics::render_routes(&mut body, &series);
@@ -149,10 +156,14 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
         }
         "/healthz" => text(StatusCode::OK, "ok\n", "text/plain; charset=utf-8"),
         "/readyz" => {
-            let failing: Vec<String> = state
-                .routes()
+            let (routes, own) = state.routes();
+            let failing: Vec<String> = routes
                 .iter()
-                .filter_map(|r| r.ready().err().map(|why| format!("{}: {why}", r.cfg.name)))
+                .filter_map(|r| {
+                    r.ready(&own)
+                        .err()
+                        .map(|why| format!("{}: {why}", r.cfg.name))
+                })
                 .collect();
             if failing.is_empty() {
                 text(StatusCode::OK, "ready\n", "text/plain; charset=utf-8")
@@ -182,11 +193,11 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 fn status_json(state: &AdminState) -> serde_json::Value {
-    let routes: Vec<serde_json::Value> = state
-        .routes()
+    let (routes, own) = state.routes();
+    let routes: Vec<serde_json::Value> = routes
         .iter()
         .map(|r| {
-            let (answer, states) = r.answer_states();
+            let (answer, states) = r.answer_states(&own);
             let addresses: Vec<serde_json::Value> = states
                 .iter()
                 .map(|s| {
@@ -204,7 +215,7 @@ fn status_json(state: &AdminState) -> serde_json::Value {
                 "alias": r.cfg.alias.to_string(),
                 "port": r.cfg.port,
                 "active_connections": r.state.active.load(std::sync::atomic::Ordering::Relaxed),
-                "ready": r.ready().is_ok(),
+                "ready": r.ready(&own).is_ok(),
                 "answer": answer.as_ref().map(|a| json!({
                     "source": a.source.as_str(),
                     "addresses": states.iter().map(|x| x.addr.to_string()).collect::<Vec<_>>(),

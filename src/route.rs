@@ -188,24 +188,42 @@ impl Route {
 
     /// The last answer and the state of each of its addresses, in its
     /// order: what `/status` and the `backend_up` gauge show.
-    pub fn answer_states(&self) -> (Option<Answer>, Vec<AddrStatus>) {
+    /// The last answer and the state of each of its addresses. An address
+    /// in `own` shows as down with error `loop`: the loop guard never dials
+    /// it, so it serves no client, though health leaves it alone (the loop
+    /// is the configuration's fault, not a server's).
+    pub fn answer_states(&self, own: &OwnListeners) -> (Option<Answer>, Vec<AddrStatus>) {
         let answer = lock(&self.state.answer).clone();
-        let addrs = answer
-            .as_ref()
-            .map(|a| a.socket_addrs(self.cfg.port))
-            .unwrap_or_default();
-        let states = self.state.health.status(&addrs);
+        let Some(a) = &answer else {
+            return (None, Vec::new());
+        };
+        let addrs = a.socket_addrs(self.cfg.port);
+        let mut states = self.state.health.status(&addrs);
+        for s in states.iter_mut().filter(|s| own.contains(s.addr)) {
+            *s = AddrStatus {
+                addr: s.addr,
+                up: false,
+                since: a.at,
+                last_error: Some(AttemptResult::Loop.as_str()),
+            };
+        }
         (answer, states)
     }
 
     /// Whether the route can serve: resolved at least once, and one address
-    /// of the last answer is not known to be down. `Err` says why not.
-    pub fn ready(&self) -> Result<(), String> {
-        match self.answer_states() {
+    /// of the last answer is neither known to be down nor one of `own`.
+    /// `Err` says why not.
+    pub fn ready(&self, own: &OwnListeners) -> Result<(), String> {
+        match self.answer_states(own) {
             (None, _) => Err("alias not resolved yet".into()),
             (Some(_), states) if states.is_empty() => Err("alias has no address".into()),
             (Some(_), states) if states.iter().all(|s| !s.up) => {
-                Err("every address is down".into())
+                let looped = |s: &AddrStatus| s.last_error == Some(AttemptResult::Loop.as_str());
+                Err(if states.iter().all(looped) {
+                    "every address is this proxy's own listener".into()
+                } else {
+                    "every address is down".into()
+                })
             }
             _ => Ok(()),
         }

@@ -475,16 +475,39 @@ async fn an_answer_pointing_at_the_proxy_itself_is_never_dialled() {
         Some(1.0),
         "only the client's connection was accepted"
     );
-    // A loop is the configuration's fault, not a server's: the address is
-    // not marked down.
-    assert_ne!(
-        sample(
-            &m,
-            "failover_proxy_backend_up",
-            &[route, ("address", own.as_str())]
-        ),
-        Some(0.0)
+    // Every connection fails, so the route is not ready and the operator is
+    // told why; the address is shown down with error `loop`.
+    let up =
+        |m: &str, addr: &str| sample(m, "failover_proxy_backend_up", &[route, ("address", addr)]);
+    assert_eq!(up(&m, &own), Some(0.0));
+    let (code, body) = http_get(admin, "/readyz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("selfdial: every address is this proxy's own listener"),
+        "{body}"
     );
+    let (_, status) = http_get(admin, "/status").await;
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let a = &status["routes"][0]["addresses"][0];
+    assert_eq!(
+        (
+            a["address"].as_str(),
+            a["state"].as_str(),
+            a["last_error"].as_str()
+        ),
+        (Some(own.as_str()), Some("down"), Some("loop")),
+        "{status}"
+    );
+    // With a server beside it the route serves and is ready, and the loop
+    // is still shown as what it is.
+    let b = backend_on(std::net::SocketAddr::new(ip(117), port), "b").await;
+    std::fs::write(&hosts, "127.0.0.64 self.test\n127.0.0.117 self.test\n").unwrap();
+    assert_eq!(id_via(proxy.addr()).await, "b");
+    let (code, body) = http_get(admin, "/readyz").await;
+    assert_eq!(code, 200, "{body}");
+    let m = scrape(admin).await;
+    assert_eq!(up(&m, &own), Some(0.0));
+    assert_eq!(up(&m, &b.addr.to_string()), Some(1.0));
 }
 
 /// A resolver asking `dns`, after `hosts` if given, for `family` answers.
