@@ -464,7 +464,9 @@ fn log_end(
         attempts = %AttemptsDisplay(attempts),
         bytes.to_upstream = counts.to_upstream.load(Ordering::Relaxed),
         bytes.to_client = counts.to_client.load(Ordering::Relaxed),
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        // Whole microseconds over 1000 print as written (`0.098437`);
+        // seconds times 1000 carry binary noise (`0.09843700000000001`).
+        duration_ms = elapsed.as_micros() as f64 / 1000.0,
         end = outcome.as_str(),
         "connection closed"
     );

@@ -150,6 +150,13 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
     assert_eq!(f["bytes.to_client"], "b67\n".len() + 3);
     assert_eq!(f["end"], "closed");
     assert!(f["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{f}");
+    // Milliseconds to the microsecond, as a person reads them: no binary
+    // noise such as 0.09843700000000001.
+    let ms = f["duration_ms"].to_string();
+    assert!(
+        ms.split_once('.').is_none_or(|(_, frac)| frac.len() <= 3),
+        "{ms}"
+    );
 
     // Only the refusing address left: the client is reset, with a WARN.
     std::fs::write(&hosts, "127.0.0.66 cluster.test\n").unwrap();
