@@ -313,14 +313,20 @@ async fn the_admin_endpoint_answers_get_and_head_only() {
 #[tokio::test]
 async fn readyz_is_503_while_an_alias_does_not_resolve() {
     let dns = DnsServer::start().await;
+    // NXDOMAIN is an answer with no address; SERVFAIL gives none at all.
+    dns.set("failing.test", Behavior::ServFail);
     let proxy = start(config(&format!(
-        "[[route]]\nname = \"nx\"\nlisten = \"127.0.0.78:0\"\nalias = \"missing.test\"\nport = 1\n[resolver]\n{}",
+        "[[route]]\nname = \"nx\"\nlisten = \"127.0.0.78:0\"\nalias = \"missing.test\"\nport = 1\n\
+         [[route]]\nname = \"sf\"\nlisten = \"127.0.0.118:0\"\nalias = \"failing.test\"\nport = 1\n\
+         [resolver]\n{}",
         resolver_toml(dns.addr, None)
     )));
     let admin = proxy.admin.unwrap();
     eventually("startup resolution done", || async {
         let (code, body) = http_get(admin, "/readyz").await;
-        code == 503 && body.contains("nx: alias has no address")
+        code == 503
+            && body.contains("nx: alias has no address")
+            && body.contains("sf: alias not resolved yet")
     })
     .await;
 }
