@@ -123,6 +123,10 @@ pub async fn accept_loop(
     tokio::pin!(anchor);
     let mut anchored = false;
     let mut arrived_since_anchor = false;
+    // Rejections after a summary line wait for this, so the last second of
+    // a burst is logged when it ends, not at the next rejection, hours on.
+    let limit_flush = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(limit_flush);
     loop {
         // The shutdown branch comes first so that a flood of connections
         // cannot keep the loop from stopping.
@@ -136,6 +140,11 @@ pub async fn accept_loop(
                 } else {
                     anchored = false;
                 }
+                continue;
+            }
+            () = limit_flush.as_mut(), if rejected > 0 => {
+                log_rejected(&current.get(), &mut rejected);
+                last_limit_log = Some(Instant::now());
                 continue;
             }
             r = listener.accept() => r,
@@ -176,15 +185,16 @@ pub async fn accept_loop(
                             .metrics
                             .failed(crate::metrics::FailReason::Limit);
                         rejected += 1;
-                        if last_limit_log.is_none_or(|t| t.elapsed() >= LIMIT_LOG_INTERVAL) {
-                            tracing::warn!(
-                                route = %route.cfg.name,
-                                max_connections = route.cfg.max_connections.get(),
-                                rejected,
-                                "connection limit reached: new connections are reset"
-                            );
-                            rejected = 0;
-                            last_limit_log = Some(Instant::now());
+                        match last_limit_log {
+                            Some(t) if t.elapsed() < LIMIT_LOG_INTERVAL => {
+                                if rejected == 1 {
+                                    limit_flush.as_mut().reset(t + LIMIT_LOG_INTERVAL);
+                                }
+                            }
+                            _ => {
+                                log_rejected(&route, &mut rejected);
+                                last_limit_log = Some(Instant::now());
+                            }
                         }
                     }
                 }
@@ -210,6 +220,18 @@ pub async fn accept_loop(
         }
     }
     tracing::info!(listen = %listen, "listener closed");
+}
+
+/// One summary line for the connections reset over the limit since the
+/// last one.
+fn log_rejected(route: &Route, rejected: &mut u64) {
+    tracing::warn!(
+        route = %route.cfg.name,
+        max_connections = route.cfg.max_connections.get(),
+        rejected = *rejected,
+        "connection limit reached: new connections are reset"
+    );
+    *rejected = 0;
 }
 
 fn is_per_connection(e: &io::Error) -> bool {

@@ -503,3 +503,38 @@ async fn memory_levels_off_under_churn_with_the_admin_endpoint_off() {
         "rss grew {grown} KiB over {served} connections: memory is not levelling off"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_over_the_limit_are_summed_and_a_burst_is_logged_when_it_ends() {
+    let b = backend(ip(119), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), ip(119), b.addr.port(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[resolver]",
+        "max_connections = 1\n\n[resolver]",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    let (id, _held) = within("the one allowed", served_by(addr)).await.unwrap();
+    assert_eq!(id, "b");
+
+    // The first rejection is logged at once.
+    assert_reset(addr).await;
+    let (level, f) = log_fields(&p.wait_line("connection limit reached"));
+    assert_eq!(level, "WARN");
+    assert_eq!(f["max_connections"], 1);
+    assert_eq!(f["rejected"], 1);
+    // Those within the next second are summed into one line, which comes
+    // when the second is over: no later rejection is needed to carry it.
+    for _ in 0..3 {
+        assert_reset(addr).await;
+    }
+    let mut logged = 0;
+    while logged < 3 {
+        let (_, f) = log_fields(&p.wait_line("connection limit reached"));
+        logged += f["rejected"].as_u64().expect("rejected count");
+    }
+    assert_eq!(logged, 3);
+}
