@@ -301,11 +301,17 @@ impl Health {
             .collect()
     }
 
-    /// Forgets addresses that are neither in `keep` nor down.
-    pub fn retain(&self, keep: &[SocketAddr]) {
-        lock(&self.addrs)
+    /// Follows a new answer: forgets the addresses that are neither in it
+    /// nor down, and knows its new ones from now on, so that `/status` says
+    /// since when before any connection or probe has tried them.
+    pub fn track(&self, answer: &[SocketAddr]) {
+        let mut table = lock(&self.addrs);
+        table
             .states
-            .retain(|a, s| s.down.is_some() || keep.contains(a));
+            .retain(|a, s| s.down.is_some() || answer.contains(a));
+        for a in answer {
+            table.entry(*a);
+        }
     }
 }
 
@@ -316,7 +322,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn retain_forgets_up_addresses_gone_from_the_answer() {
+    fn track_forgets_up_addresses_gone_from_the_answer() {
         let h = Health::new(Duration::from_secs(1));
         let now = Instant::now();
         let [kept, gone, down] = [1, 2, 3].map(|i| SocketAddr::from(([127, 0, 0, i], 80)));
@@ -324,13 +330,27 @@ mod tests {
             assert_eq!(h.probed(a, Some("timeout"), 5, 1, now), None);
         }
         h.mark_down(down, now, "refused");
-        h.retain(&[kept]);
+        h.track(&[kept]);
         assert_eq!(h.status(&[kept])[0].last_error, Some("timeout"));
         // Back in a later answer, a forgotten address starts afresh.
         assert_eq!(h.status(&[gone])[0].last_error, None);
         // A down address is kept: its retry back-off must survive an answer
         // that drops it for a while.
         assert!(h.is_down(down));
+    }
+
+    #[test]
+    fn an_address_is_up_since_the_answer_that_brought_it() {
+        let h = Health::new(Duration::from_secs(1));
+        let a = SocketAddr::from(([127, 0, 0, 1], 80));
+        h.track(&[a]);
+        let tracked = SystemTime::now();
+        let s = &h.status(&[a])[0];
+        assert!(s.up);
+        assert!(s.since <= tracked, "since is the answer's, not the read's");
+        // Unchanged by the next answer that still holds it.
+        h.track(&[a]);
+        assert_eq!(h.status(&[a])[0].since, s.since);
     }
 
     #[test]

@@ -326,7 +326,8 @@ impl Server {
                 .await
             {
                 Ok(a) => {
-                    tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved")
+                    tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved");
+                    route.state.health.track(&a.socket_addrs(route.cfg.port));
                 }
                 Err(e) => {
                     tracing::warn!(route = %route.cfg.name, alias = %route.cfg.alias, error = %e, "alias does not resolve yet")

@@ -485,7 +485,7 @@ pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
         {
             Ok(answer) => {
                 let addrs = answer.socket_addrs(cfg.port);
-                route.state.health.retain(&addrs);
+                route.state.health.track(&addrs);
                 let n = addrs.len().max(1) as u32;
                 for (i, addr) in addrs.into_iter().enumerate() {
                     // Never probe ourselves: the loop guard applies here too.
