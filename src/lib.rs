@@ -79,7 +79,8 @@ pub enum StartError {
 pub enum Control {
     /// Apply a new, already validated configuration (SIGHUP).
     Reload(Box<Config>),
-    /// Stop accepting, drain, return (SIGTERM, SIGINT).
+    /// Stop accepting, drain, return (SIGTERM, SIGINT); while draining,
+    /// stop waiting for open connections (a second signal).
     Shutdown,
 }
 
@@ -260,10 +261,26 @@ impl Server {
         drop(drain_tx);
         let drain = self.config.shutdown.drain_timeout;
         tracing::info!(drain_timeout = ?drain, "stopped accepting; draining open connections");
-        match tokio::time::timeout(drain, drain_rx.recv()).await {
-            Ok(_) => tracing::info!("all connections finished"),
-            Err(_) => {
-                tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections")
+        // A second Shutdown (a second signal) ends the wait at once; a
+        // reload asked for now is ignored, and a closed channel changes
+        // nothing.
+        let stop_now = async {
+            while let Some(c) = control.recv().await {
+                if matches!(c, Control::Shutdown) {
+                    return;
+                }
+            }
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            r = tokio::time::timeout(drain, drain_rx.recv()) => match r {
+                Ok(_) => tracing::info!("all connections finished"),
+                Err(_) => {
+                    tracing::warn!(drain_timeout = ?drain, "drain timeout: closing the remaining connections")
+                }
+            },
+            () = stop_now => {
+                tracing::warn!("stopped waiting: closing the remaining connections")
             }
         }
     }
@@ -466,7 +483,8 @@ impl Signals {
 
     /// Turns signals into [`Control`]s: SIGHUP re-reads the configuration
     /// from `path` (an invalid one is logged and ignored), SIGTERM or SIGINT
-    /// asks for shutdown.
+    /// asks for shutdown, and a second one while connections drain asks to
+    /// stop waiting for them (an operator's second Ctrl-C).
     pub async fn forward(mut self, path: config::ConfigPath, tx: mpsc::Sender<Control>) {
         loop {
             tokio::select! {
@@ -495,6 +513,14 @@ impl Signals {
                 }
             }
         }
+        if tx.send(Control::Shutdown).await.is_err() {
+            return;
+        }
+        let signal = tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        };
+        tracing::warn!(signal, "second signal: not waiting for open connections");
         let _ = tx.send(Control::Shutdown).await;
     }
 }

@@ -82,6 +82,45 @@ async fn sigterm_stops_accepting_and_drains_open_connections() {
     p.wait_line("all connections finished");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_signal_stops_waiting_for_open_connections() {
+    let b = backend(ip(120), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        ip(120),
+        b.addr.port(),
+        "[shutdown]\ndrain_timeout = \"5m\"\n",
+    );
+    let mut p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    let (id, mut open) = within("first connection", served_by(addr)).await.unwrap();
+    assert_eq!(id, "b");
+    p.signal("INT");
+    p.wait_line("stopped accepting");
+    // Still draining: a reload asked for now changes nothing.
+    p.signal("HUP");
+    open.write_all(b"x").await.unwrap();
+    let mut echo = [0u8; 1];
+    within("echo during drain", open.read_exact(&mut echo))
+        .await
+        .unwrap();
+    // The open connection would hold the proxy for 5 minutes: a second
+    // signal ends the wait, and the connection with it.
+    p.signal("TERM");
+    let (level, f) = log_fields(&p.wait_line("second signal"));
+    assert_eq!((level.as_str(), &f["signal"]), ("WARN", &"SIGTERM".into()));
+    assert_eq!(p.wait_exit(), 0);
+    let mut rest = Vec::new();
+    let end = within("the connection closed", open.read_to_end(&mut rest)).await;
+    assert!(end.is_err() || rest.is_empty(), "{end:?} {rest:?}");
+    let lines = p.lines_until("stopped waiting");
+    assert!(
+        !lines.iter().any(|l| l.contains("all connections finished")),
+        "{lines:?}"
+    );
+}
+
 /// The level and the fields of a JSON log line (flattened: the event's
 /// fields sit beside `level` and `message`).
 fn log_fields(line: &str) -> (String, serde_json::Value) {
