@@ -123,8 +123,9 @@ pub async fn accept_loop(
     tokio::pin!(anchor);
     let mut anchored = false;
     let mut arrived_since_anchor = false;
-    // Rejections after a summary line wait for this, so the last second of
-    // a burst is logged when it ends, not at the next rejection, hours on.
+    // Rejections over the limit are logged when this is due, summed: so a
+    // flood cannot flood the log, and the end of a burst is logged when it
+    // ends, not with the next rejection, hours on.
     let limit_flush = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(limit_flush);
     loop {
@@ -185,16 +186,12 @@ pub async fn accept_loop(
                             .metrics
                             .failed(crate::metrics::FailReason::Limit);
                         rejected += 1;
-                        match last_limit_log {
-                            Some(t) if t.elapsed() < LIMIT_LOG_INTERVAL => {
-                                if rejected == 1 {
-                                    limit_flush.as_mut().reset(t + LIMIT_LOG_INTERVAL);
-                                }
-                            }
-                            _ => {
-                                log_rejected(&route, &mut rejected);
-                                last_limit_log = Some(Instant::now());
-                            }
+                        if rejected == 1 {
+                            // Due now after a quiet interval, else when it
+                            // is over: one line a second at most.
+                            let due = last_limit_log
+                                .map_or(arrived, |t| (t + LIMIT_LOG_INTERVAL).max(arrived));
+                            limit_flush.as_mut().reset(due);
                         }
                     }
                 }
