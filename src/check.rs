@@ -107,7 +107,11 @@ pub async fn run(config: &Config) -> Result<Report, BuildError> {
     Ok(Report { rows, unreachable })
 }
 
-async fn check_route(route: RouteConfig, resolver: &Resolver, own: Arc<OwnListeners>) -> Vec<Row> {
+async fn check_route(
+    route: RouteConfig,
+    resolver: &Arc<Resolver>,
+    own: Arc<OwnListeners>,
+) -> Vec<Row> {
     let res = resolver.resolve(&route.alias).await;
     let answer = match res.result {
         Ok(a) => a,

@@ -203,6 +203,10 @@ struct LastGood {
     when: Instant,
     /// Wall clock, for `/status` and logs.
     at: SystemTime,
+    /// Why the last query for the alias failed, until one answers again.
+    failing: Option<ResolveError>,
+    /// A query is out in the background while DNS fails.
+    asking: bool,
 }
 
 impl fmt::Debug for Resolver {
@@ -254,7 +258,7 @@ impl Resolver {
 
     /// Resolves `alias` now: hosts file, then DNS, then (on a DNS failure
     /// only) the last good answer if it is recent enough.
-    pub async fn resolve(&self, alias: &Alias) -> Resolution {
+    pub async fn resolve(self: &Arc<Self>, alias: &Alias) -> Resolution {
         self.resolve_for(alias, Instant::now()).await
     }
 
@@ -262,7 +266,7 @@ impl Resolver {
     /// may share a DNS query started since then (by another connection that
     /// arrived with it), never one started before, so every answer it gets
     /// was asked for after it arrived.
-    pub async fn resolve_for(&self, alias: &Alias, arrived: Instant) -> Resolution {
+    pub async fn resolve_for(self: &Arc<Self>, alias: &Alias, arrived: Instant) -> Resolution {
         let started = Instant::now();
         let name = match alias {
             Alias::Ip(ip) => {
@@ -322,25 +326,29 @@ impl Resolver {
             };
         }
 
+        if let Some((answer, why)) = self.stale_while_failing(name) {
+            return Resolution {
+                result: Ok(answer),
+                via: Source::Dns,
+                stale_because: Some(why),
+                elapsed: started.elapsed(),
+            };
+        }
         let result = self.query_shared(name, arrived).await;
         let elapsed = started.elapsed();
+        let at = SystemTime::now();
+        self.settle(name, &result, at);
         match result {
-            Ok(addrs) => {
-                let at = SystemTime::now();
-                if self.stale_limit.is_some() {
-                    self.remember(name, &addrs, at);
-                }
-                Resolution {
-                    result: Ok(Answer {
-                        source: Source::Dns,
-                        addrs,
-                        at,
-                    }),
-                    via: Source::Dns,
-                    stale_because: None,
-                    elapsed,
-                }
-            }
+            Ok(addrs) => Resolution {
+                result: Ok(Answer {
+                    source: Source::Dns,
+                    addrs,
+                    at,
+                }),
+                via: Source::Dns,
+                stale_because: None,
+                elapsed,
+            },
             Err(e) if e.kind().is_failure() => match self.stale_answer(name) {
                 Some(answer) => Resolution {
                     result: Ok(answer),
@@ -355,33 +363,49 @@ impl Resolver {
                     elapsed,
                 },
             },
-            Err(e) => {
-                // NXDOMAIN or no records: the alias changed on purpose, so
-                // the old answer must not be used any more.
-                if self.stale_limit.is_some() {
-                    lock(&self.stale).remove(name);
-                }
-                Resolution {
-                    result: Err(e),
-                    via: Source::Dns,
-                    stale_because: None,
-                    elapsed,
-                }
-            }
+            Err(e) => Resolution {
+                result: Err(e),
+                via: Source::Dns,
+                stale_because: None,
+                elapsed,
+            },
         }
     }
 
-    fn remember(&self, name: &str, addrs: &[IpAddr], at: SystemTime) {
+    /// Keeps what the result of a query for `name` tells the connections
+    /// after it, when stale answers are on: a good answer, for a DNS
+    /// failure to come; that DNS fails; or that the alias is gone (NXDOMAIN
+    /// or no records: changed on purpose, so the old answer must not be
+    /// used any more).
+    fn settle(&self, name: &str, result: &DnsResult, at: SystemTime) {
+        if self.stale_limit.is_none() {
+            return;
+        }
         let mut stale = lock(&self.stale);
-        let entry = LastGood {
-            addrs: addrs.to_vec(),
-            when: Instant::now(),
-            at,
-        };
-        match stale.get_mut(name) {
-            Some(old) => *old = entry,
-            None => {
-                stale.insert(name.into(), entry);
+        match result {
+            Ok(addrs) => {
+                let entry = LastGood {
+                    addrs: addrs.clone(),
+                    when: Instant::now(),
+                    at,
+                    failing: None,
+                    asking: false,
+                };
+                match stale.get_mut(name) {
+                    Some(old) => *old = entry,
+                    None => {
+                        stale.insert(name.into(), entry);
+                    }
+                }
+            }
+            Err(e) if e.kind().is_failure() => {
+                if let Some(last) = stale.get_mut(name) {
+                    last.failing = Some(e.clone());
+                    last.asking = false;
+                }
+            }
+            Err(_) => {
+                stale.remove(name);
             }
         }
     }
@@ -395,6 +419,38 @@ impl Resolver {
             addrs: last.addrs.clone(),
             at: last.at,
         })
+    }
+
+    /// While DNS fails for `name`, the last good answer (if young enough)
+    /// at once, and why it is used; one query at a time goes on asking in
+    /// the background, and the first that answers ends this. Otherwise
+    /// every connection of an outage would wait for a query of its own
+    /// (`resolver.timeout` when the server is silent), and for the one in
+    /// flight before it.
+    fn stale_while_failing(self: &Arc<Self>, name: &str) -> Option<(Answer, ResolveError)> {
+        let limit = self.stale_limit?;
+        let (answer, why, ask) = {
+            let mut stale = lock(&self.stale);
+            let last = stale.get_mut(name)?;
+            let why = last.failing.clone()?;
+            if last.when.elapsed() > limit {
+                return None;
+            }
+            let answer = Answer {
+                source: Source::Stale,
+                addrs: last.addrs.clone(),
+                at: last.at,
+            };
+            (answer, why, !std::mem::replace(&mut last.asking, true))
+        };
+        if ask {
+            let (this, name) = (Arc::clone(self), name.to_string());
+            tokio::spawn(async move {
+                let result = this.query_shared(&name, Instant::now()).await;
+                this.settle(&name, &result, SystemTime::now());
+            });
+        }
+        Some((answer, why))
     }
 
     /// The DNS answer for `name`, from a query started at or after

@@ -117,7 +117,7 @@ impl Route {
     /// connection was accepted (see [`Resolver::resolve_for`]).
     pub async fn resolve(
         &self,
-        resolver: &Resolver,
+        resolver: &Arc<Resolver>,
         arrived: std::time::Instant,
     ) -> Result<Answer, ResolveError> {
         let r = resolver.resolve_for(&self.cfg.alias, arrived).await;

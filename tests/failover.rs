@@ -417,6 +417,101 @@ async fn stale_answer_is_used_while_dns_is_down() {
 }
 
 #[tokio::test]
+async fn while_dns_fails_connections_get_the_last_good_answer_without_waiting() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(121), "b1").await;
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(122), b1.addr.port()), "b2").await;
+    dns.records("cluster.test", &[ip(121)]);
+    // Longer than HANG: a connection that waited for a silent server's
+    // timeout stops the test instead of passing late.
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "name = \"stale-at-once\"\n",
+        &format!(
+            "nameservers = [\"{}\"]\nhosts_file = \"\"\nfamily = \"ipv4\"\ntimeout = \"{}s\"\nstale_on_error = \"5m\"\n\
+             [health]\ninterval = \"0s\"\n",
+            dns.addr,
+            HANG.as_secs() * 2
+        ),
+    )));
+    let addr = proxy.addr();
+    assert_eq!(id_via(addr).await, "b1");
+    // DNS fails: the stale answer serves, and the failure is remembered.
+    // (No active health: its resolutions would count too.)
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_eq!(id_via(addr).await, "b1");
+    // Then it stops answering. The next connections are served the last
+    // good answer at once, while one query at a time asks in the
+    // background: not a query (and its whole timeout) per connection.
+    dns.set("cluster.test", Behavior::Silent);
+    let asked = dns.queries();
+    for _ in 0..5 {
+        assert_eq!(within("a stale answer", id_via(addr)).await, "b1");
+    }
+    eventually("the background query sent", || async {
+        dns.queries() > asked
+    })
+    .await;
+    assert_eq!(dns.queries(), asked + 1, "one query for five connections");
+    let m = scrape(proxy.admin.unwrap()).await;
+    let route = ("route", "stale-at-once");
+    assert_eq!(
+        sample(&m, "failover_proxy_resolve_stale_total", &[route]),
+        Some(6.0)
+    );
+}
+
+#[tokio::test]
+async fn a_dns_server_back_after_failing_is_heard_by_the_connection_after_next() {
+    let dns = DnsServer::start().await;
+    let b1 = backend(ip(123), "b1").await;
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(124), b1.addr.port()), "b2").await;
+    dns.records("cluster.test", &[ip(123)]);
+    let proxy = start(config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "",
+        &format!(
+            "{}family = \"ipv4\"\nstale_on_error = \"5m\"\n[health]\ninterval = \"0s\"\n",
+            resolver_toml(dns.addr, None)
+        ),
+    )));
+    let addr = proxy.addr();
+    assert_eq!(id_via(addr).await, "b1");
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_eq!(id_via(addr).await, "b1");
+    // Back, with a changed answer. The next connection is served the last
+    // good answer and sends the query that hears it...
+    dns.records("cluster.test", &[ip(124)]);
+    let asked = dns.queries();
+    assert_eq!(id_via(addr).await, "b1");
+    eventually("the background query answered", || async {
+        dns.queries() > asked
+    })
+    .await;
+    // ...and once it has answered, connections resolve afresh again.
+    eventually("the new answer used", || async {
+        id_via(addr).await == "b2"
+    })
+    .await;
+    // Gone (NXDOMAIN) while failing: reset, and no stale answer after it.
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_eq!(id_via(addr).await, "b2");
+    dns.set("cluster.test", Behavior::NxDomain);
+    assert_eq!(id_via(addr).await, "b2");
+    eventually("the alias gone", || async {
+        matches!(
+            served_by(addr).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset
+        )
+    })
+    .await;
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_reset(addr).await;
+}
+
+#[tokio::test]
 async fn without_stale_on_error_a_dns_failure_resets() {
     let (dns, _b1, proxy) = served_once(34, "0s").await;
     dns.set("cluster.test", Behavior::Silent);
@@ -515,12 +610,14 @@ fn resolver(
     dns: std::net::SocketAddr,
     hosts: Option<&std::path::Path>,
     family: failover_proxy::config::Family,
-) -> failover_proxy::resolve::Resolver {
-    failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-        hosts_file: hosts.map(std::path::Path::to_path_buf),
-        ..resolver_config(vec![dns], family)
-    })
-    .expect("resolver")
+) -> std::sync::Arc<failover_proxy::resolve::Resolver> {
+    std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+            hosts_file: hosts.map(std::path::Path::to_path_buf),
+            ..resolver_config(vec![dns], family)
+        })
+        .expect("resolver"),
+    )
 }
 
 /// DNS only, from `nameservers` (empty: resolv.conf's), a 2 s timeout, no
@@ -538,7 +635,9 @@ fn resolver_config(
     }
 }
 
-fn dns_only_resolver(dns: std::net::SocketAddr) -> failover_proxy::resolve::Resolver {
+fn dns_only_resolver(
+    dns: std::net::SocketAddr,
+) -> std::sync::Arc<failover_proxy::resolve::Resolver> {
     resolver(dns, None, failover_proxy::config::Family::Ipv4)
 }
 
@@ -575,7 +674,7 @@ async fn a_connection_never_takes_the_answer_of_a_query_asked_before_it_arrived(
     let dns = DnsServer::start().await;
     // The first query goes unanswered; every later one gets its own address.
     dns.set("cluster.test", Behavior::Numbered(100));
-    let resolver = std::sync::Arc::new(dns_only_resolver(dns.addr));
+    let resolver = dns_only_resolver(dns.addr);
     let alias = failover_proxy::config::Alias::parse("cluster.test").unwrap();
     let first = {
         let (resolver, alias) = (resolver.clone(), alias.clone());
@@ -799,11 +898,13 @@ async fn every_nameserver_is_asked_until_one_answers() {
     let resolve = |nameservers: Vec<std::net::SocketAddr>| async move {
         // Longer than HANG: an outcome that waited for a silent server's
         // timeout stops the test instead of passing late.
-        let resolver = failover_proxy::resolve::Resolver::new(&ResolverConfig {
-            timeout: HANG * 2,
-            ..resolver_config(nameservers, Family::Ipv4)
-        })
-        .expect("resolver");
+        let resolver = std::sync::Arc::new(
+            failover_proxy::resolve::Resolver::new(&ResolverConfig {
+                timeout: HANG * 2,
+                ..resolver_config(nameservers, Family::Ipv4)
+            })
+            .expect("resolver"),
+        );
         within(
             "resolution",
             resolver.resolve(&Alias::parse("cluster.test").unwrap()),
@@ -859,12 +960,14 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("resolv.conf");
     std::fs::write(&conf, "nameserver 127.0.0.41\nsearch test\n").unwrap();
-    let resolver = failover_proxy::resolve::Resolver::with_system_conf(
-        &resolver_config(vec![], Family::Ipv4),
-        &conf,
-        one.addr.port(),
-    )
-    .expect("resolver from resolv.conf");
+    let resolver = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::with_system_conf(
+            &resolver_config(vec![], Family::Ipv4),
+            &conf,
+            one.addr.port(),
+        )
+        .expect("resolver from resolv.conf"),
+    );
     let resolve = |alias: &str| {
         let alias = Alias::parse(alias).unwrap();
         let resolver = &resolver;
