@@ -265,7 +265,8 @@ impl Resolver {
     /// [`Resolver::resolve`] for a connection that arrived at `arrived`: it
     /// may share a DNS query started since then (by another connection that
     /// arrived with it), never one started before, so every answer it gets
-    /// was asked for after it arrived.
+    /// was asked for after it arrived; but for the last good answer while
+    /// DNS fails, which is given at once (see `stale_while_failing`).
     pub async fn resolve_for(self: &Arc<Self>, alias: &Alias, arrived: Instant) -> Resolution {
         let started = Instant::now();
         let name = match alias {
@@ -349,7 +350,9 @@ impl Resolver {
                 stale_because: None,
                 elapsed,
             },
-            Err(e) if e.kind().is_failure() => match self.stale_answer(name) {
+            // After NXDOMAIN or no records there is no last good answer any
+            // more: `settle` has dropped it.
+            Err(e) => match self.stale_answer(name) {
                 Some(answer) => Resolution {
                     result: Ok(answer),
                     via: Source::Dns,
@@ -362,12 +365,6 @@ impl Resolver {
                     stale_because: None,
                     elapsed,
                 },
-            },
-            Err(e) => Resolution {
-                result: Err(e),
-                via: Source::Dns,
-                stale_because: None,
-                elapsed,
             },
         }
     }

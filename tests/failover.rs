@@ -512,6 +512,26 @@ async fn a_dns_server_back_after_failing_is_heard_by_the_connection_after_next()
 }
 
 #[tokio::test]
+async fn while_dns_fails_the_last_good_answer_serves_only_until_stale_on_error() {
+    let (dns, _b1, proxy) = served_once(125, "1s").await;
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    // DNS known to fail, so connections are given the stale answer at
+    // once: until it is older than the limit, then they are reset.
+    eventually("the stale answer given up", || async {
+        match served_by(proxy.addr()).await {
+            Ok((id, _)) => {
+                assert_eq!(id, "b1");
+                false
+            }
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
+    })
+    .await;
+    assert_reset(proxy.addr()).await;
+}
+
+#[tokio::test]
 async fn without_stale_on_error_a_dns_failure_resets() {
     let (dns, _b1, proxy) = served_once(34, "0s").await;
     dns.set("cluster.test", Behavior::Silent);
