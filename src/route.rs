@@ -2,7 +2,7 @@
 //! it: resolve the alias, order the answer, connect, relay, log.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +15,7 @@ use crate::connect::{Attempt, AttemptResult, AttemptsDisplay, connect_staggered}
 use crate::health::{AddrStatus, Health, Transition};
 use crate::metrics::{FailReason, RouteMetrics};
 use crate::relay::{Counts, End, relay};
-use crate::resolve::{Answer, ResolveError, Resolver};
+use crate::resolve::{Answer, ResolveError, Resolver, Source};
 
 /// The address of the client side of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,7 +67,24 @@ pub struct RouteState {
     /// The last answer: `Some` with no address after NXDOMAIN or an empty
     /// answer; unchanged by a DNS failure.
     pub answer: Mutex<Option<Answer>>,
+    /// What the log has said of stale answers.
+    stale_log: Mutex<StaleLog>,
+    /// Whether a stale answer has been logged and DNS not heard since: the
+    /// usual resolution checks this, not the lock.
+    stale_logged: AtomicBool,
 }
+
+/// Stale answers are logged summed, one line a second at most, and once
+/// more when DNS answers again: while DNS fails they are given at once, so
+/// a line each would be a line per connection.
+#[derive(Debug, Default)]
+struct StaleLog {
+    /// Stale answers given since the last line.
+    unlogged: u64,
+    last_line: Option<std::time::Instant>,
+}
+
+const STALE_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct Route {
@@ -98,6 +115,8 @@ impl Route {
                 metrics: RouteMetrics::new(&cfg.name),
                 active: AtomicUsize::new(0),
                 answer: Mutex::new(None),
+                stale_log: Mutex::new(StaleLog::default()),
+                stale_logged: AtomicBool::new(false),
             }),
         };
         let limit = match previous {
@@ -130,12 +149,38 @@ impl Route {
         m.resolved(r.via, r.elapsed, error);
         if let Some(e) = &r.stale_because {
             m.stale.increment(1);
-            tracing::warn!(
-                route = %self.cfg.name,
-                alias = %self.cfg.alias,
-                error = %e,
-                "dns failed; using the last good answer"
-            );
+            let mut log = lock(&self.state.stale_log);
+            log.unlogged += 1;
+            if log
+                .last_line
+                .is_none_or(|t| t.elapsed() >= STALE_LOG_INTERVAL)
+            {
+                tracing::warn!(
+                    route = %self.cfg.name,
+                    alias = %self.cfg.alias,
+                    error = %e,
+                    stale_answers = log.unlogged,
+                    "dns failed; using the last good answer"
+                );
+                log.unlogged = 0;
+                log.last_line = Some(std::time::Instant::now());
+                self.state.stale_logged.store(true, Ordering::Relaxed);
+            }
+        } else if r.via == Source::Dns
+            && self.state.stale_logged.load(Ordering::Relaxed)
+            && !matches!(&r.result, Err(e) if e.kind().is_failure())
+        {
+            let mut log = lock(&self.state.stale_log);
+            if log.last_line.is_some() {
+                tracing::info!(
+                    route = %self.cfg.name,
+                    alias = %self.cfg.alias,
+                    stale_answers = log.unlogged,
+                    "dns answers again"
+                );
+                *log = StaleLog::default();
+                self.state.stale_logged.store(false, Ordering::Relaxed);
+            }
         }
         match &r.result {
             Ok(a) => {

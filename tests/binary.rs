@@ -581,3 +581,71 @@ async fn rejections_over_the_limit_are_summed_and_a_burst_is_logged_when_it_ends
         "{lines} lines for a burst of {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_answers_are_logged_summed_and_the_end_of_the_dns_failure_once() {
+    let dns = DnsServer::start().await;
+    let b = backend(ip(126), "b").await;
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(127), b.addr.port()), "b2").await;
+    dns.records("cluster.test", &[ip(126)]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {}\n\n\
+             [resolver]\nnameservers = [\"{}\"]\nhosts_file = \"\"\nfamily = \"ipv4\"\n\n\
+             [health]\ninterval = \"0s\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"\"\n",
+            b.addr.port(),
+            dns.addr
+        ),
+    )
+    .unwrap();
+    let p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    assert_eq!(id_via(addr).await, "b");
+
+    // DNS fails: every connection is served from the last good answer.
+    dns.set("cluster.test", Behavior::ServFail);
+    let failing = std::time::Instant::now();
+    for _ in 0..10 {
+        assert_eq!(id_via(addr).await, "b");
+    }
+    // Back, with a new address: served by the old one (stale) until the
+    // query in the background has heard the new answer.
+    dns.records("cluster.test", &[ip(127)]);
+    let mut stale = 10;
+    let deadline = std::time::Instant::now() + HANG;
+    loop {
+        match id_via(addr).await.as_str() {
+            "b2" => break,
+            "b" => stale += 1,
+            other => panic!("served by {other}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dns never heard again"
+        );
+    }
+    let took = failing.elapsed();
+    // The log sums them: a WARN a second at most while DNS fails, then one
+    // INFO when it answers again, with those since the last WARN.
+    let lines = p.lines_until("dns answers again");
+    let mut logged = 0;
+    let mut warns = 0;
+    for l in lines.iter().filter(|l| l.contains("last good answer")) {
+        let (level, f) = log_fields(l);
+        assert_eq!(level, "WARN");
+        assert!(f["error"].as_str().is_some_and(|e| !e.is_empty()), "{f}");
+        logged += f["stale_answers"].as_u64().expect("stale_answers");
+        warns += 1;
+    }
+    let (level, f) = log_fields(lines.last().expect("the line"));
+    assert_eq!(level, "INFO");
+    logged += f["stale_answers"].as_u64().expect("stale_answers");
+    assert_eq!(logged, stale, "every stale answer counted once");
+    assert!(
+        (1..=took.as_secs() + 1).contains(&warns),
+        "{warns} WARN lines in {took:?}"
+    );
+}
