@@ -216,6 +216,9 @@ pub async fn accept_loop(
             }
         }
     }
+    if rejected > 0 {
+        log_rejected(&current.get(), &mut rejected);
+    }
     tracing::info!(listen = %listen, "listener closed");
 }
 
