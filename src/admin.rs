@@ -215,7 +215,7 @@ fn status_json(state: &AdminState) -> serde_json::Value {
                 "alias": r.cfg.alias.to_string(),
                 "port": r.cfg.port,
                 "active_connections": r.state.active.load(std::sync::atomic::Ordering::Relaxed),
-                "ready": r.ready(&own).is_ok(),
+                "ready": crate::route::readiness(answer.as_ref(), &states).is_ok(),
                 "answer": answer.as_ref().map(|a| json!({
                     "source": a.source.as_str(),
                     "addresses": states.iter().map(|x| x.addr.to_string()).collect::<Vec<_>>(),

@@ -341,6 +341,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, lines: &str) {
     out.push_str(lines);
     out.push('\n');
 }
+
 #[cfg(test)]
 mod tests {
     use super::*;

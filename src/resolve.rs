@@ -209,6 +209,17 @@ struct LastGood {
     asking: bool,
 }
 
+impl LastGood {
+    /// This answer as a stale one, if it is at most `limit` old.
+    fn answer(&self, limit: Duration) -> Option<Answer> {
+        (self.when.elapsed() <= limit).then(|| Answer {
+            source: Source::Stale,
+            addrs: self.addrs.clone(),
+            at: self.at,
+        })
+    }
+}
+
 impl fmt::Debug for Resolver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Resolver")
@@ -409,13 +420,7 @@ impl Resolver {
 
     fn stale_answer(&self, name: &str) -> Option<Answer> {
         let limit = self.stale_limit?;
-        let stale = lock(&self.stale);
-        let last = stale.get(name)?;
-        (last.when.elapsed() <= limit).then(|| Answer {
-            source: Source::Stale,
-            addrs: last.addrs.clone(),
-            at: last.at,
-        })
+        lock(&self.stale).get(name)?.answer(limit)
     }
 
     /// While DNS fails for `name`, the last good answer (if young enough)
@@ -430,14 +435,7 @@ impl Resolver {
             let mut stale = lock(&self.stale);
             let last = stale.get_mut(name)?;
             let why = last.failing.clone()?;
-            if last.when.elapsed() > limit {
-                return None;
-            }
-            let answer = Answer {
-                source: Source::Stale,
-                addrs: last.addrs.clone(),
-                at: last.at,
-            };
+            let answer = last.answer(limit)?;
             (answer, why, !std::mem::replace(&mut last.asking, true))
         };
         if ask {

@@ -232,9 +232,8 @@ impl Route {
     }
 
     /// The last answer and the state of each of its addresses, in its
-    /// order: what `/status` and the `backend_up` gauge show.
-    /// The last answer and the state of each of its addresses. An address
-    /// in `own` shows as down with error `loop`: the loop guard never dials
+    /// order: what `/status`, `/readyz` and the `backend_up` gauge show.
+    /// An address in `own` shows as down with error `loop`: the loop guard never dials
     /// it, so it serves no client, though health leaves it alone (the loop
     /// is the configuration's fault, not a server's).
     pub fn answer_states(&self, own: &OwnListeners) -> (Option<Answer>, Vec<AddrStatus>) {
@@ -259,19 +258,26 @@ impl Route {
     /// of the last answer is neither known to be down nor one of `own`.
     /// `Err` says why not.
     pub fn ready(&self, own: &OwnListeners) -> Result<(), String> {
-        match self.answer_states(own) {
-            (None, _) => Err("alias not resolved yet".into()),
-            (Some(_), states) if states.is_empty() => Err("alias has no address".into()),
-            (Some(_), states) if states.iter().all(|s| !s.up) => {
-                let looped = |s: &AddrStatus| s.last_error == Some(AttemptResult::Loop.as_str());
-                Err(if states.iter().all(looped) {
-                    "every address is this proxy's own listener".into()
-                } else {
-                    "every address is down".into()
-                })
-            }
-            _ => Ok(()),
+        let (answer, states) = self.answer_states(own);
+        readiness(answer.as_ref(), &states)
+    }
+}
+
+/// [`Route::ready`] from what [`Route::answer_states`] gave, for a caller
+/// that has them already.
+pub fn readiness(answer: Option<&Answer>, states: &[AddrStatus]) -> Result<(), String> {
+    match answer {
+        None => Err("alias not resolved yet".into()),
+        Some(_) if states.is_empty() => Err("alias has no address".into()),
+        Some(_) if states.iter().all(|s| !s.up) => {
+            let looped = |s: &AddrStatus| s.last_error == Some(AttemptResult::Loop.as_str());
+            Err(if states.iter().all(looped) {
+                "every address is this proxy's own listener".into()
+            } else {
+                "every address is down".into()
+            })
         }
+        _ => Ok(()),
     }
 }
 

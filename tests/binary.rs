@@ -40,21 +40,36 @@ fn write_config_admin(
     path
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_stops_accepting_and_drains_open_connections() {
-    let b = backend(ip(51), "b").await;
+/// The binary with a 5-minute `drain_timeout`, serving one connection
+/// (held open) to a backend on 127.0.0.`last`; the directory holds its
+/// config, which SIGHUP reads again.
+async fn serving_one_with_a_long_drain(
+    last: u8,
+) -> (
+    Running,
+    std::net::SocketAddr,
+    TcpStream,
+    Backend,
+    tempfile::TempDir,
+) {
+    let b = backend(ip(last), "b").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
         dir.path(),
-        ip(51),
+        ip(last),
         b.addr.port(),
         "[shutdown]\ndrain_timeout = \"5m\"\n",
     );
-    let mut p = Running::spawn(&cfg);
+    let p = Running::spawn(&cfg);
     let addr = listen_addr(&p.wait_line("\"listening\""));
-
-    let (id, mut open) = within("first connection", served_by(addr)).await.unwrap();
+    let (id, open) = within("first connection", served_by(addr)).await.unwrap();
     assert_eq!(id, "b");
+    (p, addr, open, b, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_drains_open_connections() {
+    let (mut p, addr, mut open, _b, _dir) = serving_one_with_a_long_drain(51).await;
     p.signal("TERM");
     p.wait_line("stopped accepting");
 
@@ -84,18 +99,7 @@ async fn sigterm_stops_accepting_and_drains_open_connections() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_stops_waiting_for_open_connections() {
-    let b = backend(ip(120), "b").await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(
-        dir.path(),
-        ip(120),
-        b.addr.port(),
-        "[shutdown]\ndrain_timeout = \"5m\"\n",
-    );
-    let mut p = Running::spawn(&cfg);
-    let addr = listen_addr(&p.wait_line("\"listening\""));
-    let (id, mut open) = within("first connection", served_by(addr)).await.unwrap();
-    assert_eq!(id, "b");
+    let (mut p, _, mut open, _b, _dir) = serving_one_with_a_long_drain(120).await;
     p.signal("INT");
     p.wait_line("stopped accepting");
     // Still draining: a reload asked for now changes nothing.
