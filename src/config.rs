@@ -824,37 +824,41 @@ impl Reader<'_> {
                     continue;
                 }
             };
-            if let Some(r) = self.route(item, d, &prefix) {
-                // Routes are matched by `listen` on reload, so even two
-                // port-0 listeners on one IP would be ambiguous.
-                if !listens.insert(r.listen) {
-                    self.problem(
-                        d,
-                        &prefix,
-                        "listen",
-                        None,
-                        format!("{} is used by an earlier route", r.listen),
-                    );
-                }
-                if !names.insert(r.name.clone()) {
-                    self.problem(
-                        d,
-                        &prefix,
-                        "name",
-                        None,
-                        format!(
-                            "{:?} is the name of an earlier route; names label metrics and must be unique",
-                            r.name
-                        ),
-                    );
-                }
-                routes.push(r);
+            // A clash is reported even when another key of either route is
+            // wrong, so that one run names every problem.
+            let parsed = self.route(item, d, &prefix);
+            // Routes are matched by `listen` on reload, so even two port-0
+            // listeners on one IP would be ambiguous.
+            if let Some(listen) = parsed.listen
+                && !listens.insert(listen)
+            {
+                self.problem(
+                    d,
+                    &prefix,
+                    "listen",
+                    None,
+                    format!("{listen} is used by an earlier route"),
+                );
             }
+            if let Some(name) = parsed.name
+                && !names.insert(name.clone())
+            {
+                self.problem(
+                    d,
+                    &prefix,
+                    "name",
+                    None,
+                    format!(
+                        "{name:?} is the name of an earlier route; names label metrics and must be unique"
+                    ),
+                );
+            }
+            routes.extend(parsed.config);
         }
         routes
     }
 
-    fn route(&mut self, item: &Value, d: &Dict, p: &str) -> Option<RouteConfig> {
+    fn route(&mut self, item: &Value, d: &Dict, p: &str) -> ParsedRoute {
         self.unknown_keys(d, p, ROUTE_KEYS);
         let before = self.problems.len();
         let allow: bool = self.get(d, p, "allow_non_loopback").unwrap_or(false);
@@ -936,22 +940,35 @@ impl Reader<'_> {
         if name.as_deref() == Some("") {
             self.problem(d, p, "name", None, "must not be empty".into());
         }
-        if self.problems.len() > before {
-            return None;
+        let name = match (name, &alias) {
+            (Some(n), _) if !n.is_empty() => Some(n),
+            (Some(_), _) => None,
+            (None, a) => a.as_ref().map(ToString::to_string),
+        };
+        let config = match (listen, alias, port, &name) {
+            (Some(listen), Some(alias), Some(port), Some(name))
+                if self.problems.len() == before =>
+            {
+                Some(RouteConfig {
+                    name: name.clone(),
+                    listen,
+                    alias,
+                    port,
+                    order,
+                    connect_timeout,
+                    attempt_delay,
+                    max_connections,
+                    idle_timeout: nonzero(idle_timeout),
+                    allow_non_loopback: allow,
+                })
+            }
+            _ => None,
+        };
+        ParsedRoute {
+            listen,
+            name,
+            config,
         }
-        let alias = alias?;
-        Some(RouteConfig {
-            name: name.unwrap_or_else(|| alias.to_string()),
-            listen: listen?,
-            alias,
-            port: port?,
-            order,
-            connect_timeout,
-            attempt_delay,
-            max_connections,
-            idle_timeout: nonzero(idle_timeout),
-            allow_non_loopback: allow,
-        })
     }
 
     /// A required key is absent: the source named is that of its table.
@@ -963,6 +980,14 @@ impl Reader<'_> {
             message: format!("is required: {what}"),
         });
     }
+}
+
+/// What one `[[route]]` table gave: the keys that identify it, when valid,
+/// and the whole route when every key is.
+struct ParsedRoute {
+    listen: Option<SocketAddr>,
+    name: Option<String>,
+    config: Option<RouteConfig>,
 }
 
 fn join(prefix: &str, key: &str) -> String {

@@ -405,6 +405,55 @@ fn duplicate_listen_and_names_are_refused() {
 }
 
 #[test]
+fn a_clash_is_reported_beside_the_other_problems_of_its_route() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            r#"
+[[route]]
+name = "x"
+listen = "127.0.0.1:41000"
+alias = "a..b"
+port = 41000
+
+[[route]]
+name = "x"
+listen = "127.0.0.1:41000"
+alias = "b"
+port = 0
+
+[[route]]
+listen = "127.0.0.1:41001"
+alias = "c"
+port = 41000
+
+[[route]]
+listen = "127.0.0.1:41002"
+alias = "c"
+order = "sideways"
+port = 41000
+"#,
+        )?;
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        let mut keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "route[0].alias",
+                "route[1].listen",
+                "route[1].name",
+                "route[1].port",
+                "route[3].name",
+                "route[3].order",
+            ],
+            "{e}"
+        );
+        Ok(())
+    });
+}
+
+#[test]
 fn toml_syntax_error_names_the_file() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", "[[route]\nlisten = ")?;
