@@ -485,6 +485,34 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
                 None,
                 format!("{level:?} is not a log filter: {e}"),
             );
+        } else if level.trim().is_empty() {
+            // An empty filter logs errors only, which nobody asks for by
+            // leaving a variable empty.
+            r.problem(
+                d,
+                "log",
+                "level",
+                None,
+                "is empty; expected a level (trace, debug, info, warn, error, off)".into(),
+            );
+        } else if let Some(word) = bare_target(&level) {
+            // A filter takes a bare word as a target name, so a misspelt
+            // level ("wran") would silence every line the proxy writes.
+            let word = if word == level.trim() {
+                format!("{word:?}")
+            } else {
+                format!("{word:?} in {level:?}")
+            };
+            r.problem(
+                d,
+                "log",
+                "level",
+                None,
+                format!(
+                    "{word} is not a level (trace, debug, info, warn, error, off); \
+                     to filter by target, write target=level"
+                ),
+            );
         }
         let format = r
             .choice(
@@ -980,6 +1008,18 @@ impl Reader<'_> {
             message: format!("is required: {what}"),
         });
     }
+}
+
+/// The first directive of a log filter that is a bare target name.
+fn bare_target(filter: &str) -> Option<&str> {
+    filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty() && !d.contains(['=', '[']))
+        .find(|d| {
+            d.parse::<tracing_subscriber::filter::LevelFilter>()
+                .is_err()
+        })
 }
 
 /// What one `[[route]]` table gave: the keys that identify it, when valid,

@@ -454,6 +454,37 @@ port = 41000
 }
 
 #[test]
+fn a_log_level_that_would_silence_the_proxy_is_refused() {
+    for (level, ok) in [
+        ("info", true),
+        ("WARN", true),
+        ("warn,failover_proxy=debug", true),
+        ("failover_proxy[conn]=debug", true),
+        ("off", true),
+        ("wran", false),
+        ("info,hyper", false),
+        ("", false),
+        ("failover_proxy=wran", false),
+    ] {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", &format!("{ROUTE}\n[log]\nlevel = {level:?}\n"))?;
+            match load_file(jail, "c.toml") {
+                Ok(c) => {
+                    assert!(ok, "{level:?} was accepted");
+                    assert_eq!(c.log.level, level);
+                }
+                Err(e) => {
+                    assert!(!ok, "{level:?} was refused: {e}");
+                    let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
+                    assert_eq!(keys, ["log.level"], "{e}");
+                }
+            }
+            Ok(())
+        });
+    }
+}
+
+#[test]
 fn toml_syntax_error_names_the_file() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", "[[route]\nlisten = ")?;
