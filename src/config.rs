@@ -331,7 +331,7 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
                         .as_ref()
                         .map(|m| describe_source(m, &e.path))
                         .unwrap_or_else(|| "configuration".into()),
-                    message: e.kind.to_string(),
+                    message: one_line(&e.kind.to_string()),
                 })
                 .collect();
             return Err(ConfigError { problems });
@@ -607,6 +607,29 @@ fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
     s.parse::<IpAddr>()
         .map(|ip| SocketAddr::new(ip, 53))
         .map_err(|_| format!("{s:?} is not \"ip\" or \"ip:port\""))
+}
+
+/// A parser's message on one line, as every problem is: the TOML parser
+/// draws the offending line with a caret under it, over several lines.
+fn one_line(message: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in message.lines() {
+        let drawn = line
+            .split_once('|')
+            .filter(|(gutter, _)| gutter.trim().chars().all(|c| c.is_ascii_digit()));
+        match drawn {
+            // The drawn source line, "18 | garbage[", is shown quoted; the
+            // caret and blank gutter lines say nothing the line and column
+            // do not.
+            Some((gutter, code)) if !gutter.trim().is_empty() => {
+                parts.push(format!("in {:?}", code.trim()));
+            }
+            Some(_) => {}
+            None if line.trim().is_empty() => {}
+            None => parts.push(line.trim().to_string()),
+        }
+    }
+    parts.join(": ")
 }
 
 /// Describes where a value came from: a file path, or the real name of the

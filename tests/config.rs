@@ -490,6 +490,15 @@ fn toml_syntax_error_names_the_file() {
         jail.create_file("c.toml", "[[route]\nlisten = ")?;
         let e = load_file(jail, "c.toml").expect_err("must fail");
         assert!(e.to_string().contains("c.toml"), "{e}");
+        // One problem, one line: the reload log and the start-up error
+        // stay one line each, with the place and the offending text.
+        jail.create_file("d.toml", &format!("{ROUTE}port = 2\n"))?;
+        let e = load_file(jail, "d.toml").expect_err("must fail");
+        let text = e.to_string();
+        assert_eq!(text.lines().count(), 1, "{text}");
+        for want in ["d.toml", "line 6", "\"port = 2\"", "duplicate key `port`"] {
+            assert!(text.contains(want), "{want} not in {text}");
+        }
         Ok(())
     });
 }
