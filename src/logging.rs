@@ -1,7 +1,58 @@
 //! Logging set-up: text or JSON lines on stderr; `RUST_LOG`, when set, wins
 //! over `log.level`.
+//!
+//! Lines go to stderr from a thread of their own, through a queue of
+//! [`QUEUED_LINES`]: a log reader that stops reading (a stalled journald,
+//! docker's blocking log driver on a full disk, a stopped pipeline) fills
+//! the pipe, and a proxy that wrote its lines itself would stop in the
+//! middle of a connection, every other connection and its health endpoints
+//! with it. Lines that find the queue full are dropped and counted instead.
 
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+
+/// Lines waiting for the log reader: a few seconds of one line per
+/// connection at a busy sidecar's rate, a tenth of a second at the
+/// benchmark's; the queue's slots, 32 bytes each, are taken at start.
+pub const QUEUED_LINES: usize = 4096;
+
+/// How long the exit waits for queued lines to be written.
+const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
+
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Log lines dropped so far because the log reader did not keep up.
+pub fn dropped_lines() -> u64 {
+    DROPPED
+        .get()
+        .map_or(0, |c| u64::try_from(c.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+/// Keeps the writer thread; dropping it writes out the lines still queued,
+/// waiting at most [`FLUSH_AT_EXIT`], so a reader that stopped reading does
+/// not hold the exit (the library's own wait gives up after 1.1 s, then
+/// prints to stdout, which may be the same stalled pipe).
+pub struct LogGuard(Option<WorkerGuard>);
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        let Some(worker) = self.0.take() else { return };
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let flush = std::thread::Builder::new()
+            .name("log-flush".into())
+            .spawn(move || {
+                drop(worker);
+                let _ = done_tx.send(());
+            });
+        // Without a thread the worker is dropped here, where it may wait.
+        if flush.is_ok() {
+            let _ = done_rx.recv_timeout(FLUSH_AT_EXIT);
+        }
+    }
+}
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -18,8 +69,9 @@ pub enum LogError {
 }
 
 /// Installs the global subscriber. `rust_log` is the value of `RUST_LOG`,
-/// passed in so that the rule "the variable wins" is testable.
-pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<(), LogError> {
+/// passed in so that the rule "the variable wins" is testable. Keep the
+/// guard until the process ends.
+pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogError> {
     let filter = match rust_log.filter(|v| !v.is_empty()) {
         Some(value) => {
             EnvFilter::try_new(&value).map_err(|source| LogError::BadEnv { value, source })?
@@ -27,14 +79,48 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<(), LogError> {
         // Validated when the config was loaded.
         None => EnvFilter::try_new(&cfg.level).unwrap_or_else(|_| EnvFilter::new("info")),
     };
+    let (writer, worker) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("log-writer")
+        .finish(std::io::stderr());
+    let dropped = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let result = match cfg.format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
-    result.map_err(|e| LogError::Install(e.to_string()))
+    result.map_err(|e| LogError::Install(e.to_string()))?;
+    let _ = DROPPED.set(dropped);
+    Ok(LogGuard(Some(worker)))
+}
+
+/// Keeps the `log_lines_dropped_total` counter, and logs how many lines
+/// were dropped once a second has passed without a drop: while the reader
+/// is stalled the report would be dropped too. A report that was dropped
+/// all the same is made again, with the lines since.
+pub async fn report_dropped() {
+    let counter = metrics::counter!(crate::metrics::LOG_LINES_DROPPED);
+    let (mut reported, mut seen) = (0, 0);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let dropped = dropped_lines();
+        counter.absolute(dropped);
+        if dropped > reported && dropped == seen {
+            tracing::warn!(
+                dropped = dropped - reported,
+                "log lines dropped: stderr was not read fast enough"
+            );
+            if dropped_lines() == dropped {
+                reported = dropped;
+            }
+        }
+        seen = dropped;
+    }
 }

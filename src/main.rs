@@ -44,10 +44,13 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    if let Err(e) = logging::init(&config.log, std::env::var("RUST_LOG").ok()) {
-        eprintln!("error: {}", error_chain(&e));
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    let _log = match logging::init(&config.log, std::env::var("RUST_LOG").ok()) {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("error: {}", error_chain(&e));
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     match cli.command.unwrap_or(Command::Run) {
         Command::Run => run(config, path),
         Command::Check => run_check(config),
@@ -96,6 +99,7 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
             }
         };
         tracing::info!(version = failover_proxy::VERSION, "failover-proxy started");
+        tokio::spawn(logging::report_dropped());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(signals.forward(path, tx));
         server.serve(rx).await;

@@ -37,6 +37,7 @@ pub const BYTES: &str = "failover_proxy_bytes_total";
 pub const CONNECTION_DURATION: &str = "failover_proxy_connection_duration_seconds";
 pub const BACKEND_UP: &str = "failover_proxy_backend_up";
 pub const BUILD_INFO: &str = "failover_proxy_build_info";
+pub const LOG_LINES_DROPPED: &str = "failover_proxy_log_lines_dropped_total";
 
 /// Connect and resolve times: 100 µs to 10 s.
 const FAST_BUCKETS: &[f64] = &[
@@ -83,6 +84,7 @@ fn build_and_install() -> Result<PrometheusHandle, MetricsError> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
+    metrics::counter!(LOG_LINES_DROPPED).absolute(crate::logging::dropped_lines());
     describe();
     Ok(handle)
 }
@@ -123,6 +125,10 @@ fn describe() {
     describe_gauge!(
         BUILD_INFO,
         "Always 1; the version label says which build runs."
+    );
+    describe_counter!(
+        LOG_LINES_DROPPED,
+        "Log lines dropped because stderr was not read fast enough."
     );
 }
 

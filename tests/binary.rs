@@ -653,3 +653,91 @@ async fn stale_answers_are_logged_summed_and_the_end_of_the_dns_failure_once() {
         "{warns} WARN lines in {took:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stops_reading_stops_no_connection() {
+    use std::io::BufRead;
+    let b = backend(ip(128), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), ip(128), b.addr.port(), "");
+    let mut child = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn failover-proxy");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let (mut addr, mut admin) = (None, None);
+    let mut line = String::new();
+    while addr.is_none() || admin.is_none() {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "stderr closed");
+        if line.contains("\"listening\"") {
+            addr = Some(listen_addr(&line));
+        } else if line.contains("admin endpoint listening") {
+            admin = Some(listen_addr(&line));
+        }
+    }
+    let (addr, admin) = (addr.unwrap(), admin.unwrap());
+
+    // Nobody reads stderr from here on: a pipe holds a few hundred lines,
+    // the proxy's queue some thousands, and each connection logs one.
+    let connections = 8_000;
+    for _ in 0..connections {
+        assert_eq!(id_via(addr).await, "b");
+    }
+    assert_eq!(http_get(admin, "/healthz").await.0, 200);
+
+    // Read again: the dropped lines are reported once a second has passed
+    // without a drop, and every other line arrives.
+    let (tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    // (connection lines, dropped lines reported)
+    let mut seen = (0u64, 0u64);
+    let count = |seen: &mut (u64, u64), line: &str| {
+        if line.contains("\"connection closed\"") {
+            seen.0 += 1;
+        } else if line.contains("log lines dropped") {
+            let (level, f) = log_fields(line);
+            assert_eq!(level, "WARN");
+            seen.1 += f["dropped"].as_u64().expect("dropped count");
+        }
+    };
+    while seen.1 == 0 {
+        let line = lines.recv_timeout(HANG).expect("a report of dropped lines");
+        count(&mut seen, &line);
+    }
+    let reported = seen.1;
+    let counted = sample(
+        &scrape(admin).await,
+        "failover_proxy_log_lines_dropped_total",
+        &[],
+    );
+    assert_eq!(
+        counted,
+        Some(reported as f64),
+        "the counter and the report agree"
+    );
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    while let Ok(line) = lines.recv_timeout(HANG) {
+        count(&mut seen, &line);
+    }
+    reader.join().unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(seen.1, reported, "one report for the one stall");
+    assert_eq!(
+        seen.0 + seen.1,
+        connections,
+        "each connection's line arrived or was counted"
+    );
+}
