@@ -1,4 +1,5 @@
-//! Logging set-up: text or JSON lines on stderr; `RUST_LOG`, when set, wins
+//! Logging set-up: text or JSON lines on stderr, each with its syslog
+//! priority in front when stderr is the journal; `RUST_LOG`, when set, wins
 //! over `log.level`.
 //!
 //! Lines go to stderr from a thread of their own, through a queue of
@@ -11,8 +12,12 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::FmtContext;
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, JsonFields, Writer};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Lines waiting for the log reader: a few seconds of one line per
 /// connection at a busy sidecar's rate, a tenth of a second at the
@@ -85,18 +90,86 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
+    let journal = stderr_is_journal(std::env::var_os("JOURNAL_STREAM"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let format = tracing_subscriber::fmt::format().with_target(false);
     let result = match cfg.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => builder
+            .event_format(Prioritised {
+                inner: format,
+                journal,
+            })
+            .try_init(),
+        LogFormat::Json => builder
+            .fmt_fields(JsonFields::new())
+            .event_format(Prioritised {
+                inner: format.json().flatten_event(true),
+                journal,
+            })
+            .try_init(),
     };
     result.map_err(|e| LogError::Install(e.to_string()))?;
     let _ = DROPPED.set(dropped);
     Ok(LogGuard(Some(worker)))
+}
+
+/// Starts each line with its syslog priority (`<4>` for WARN) when stderr
+/// is the journal, which takes the prefix off as the entry's priority: then
+/// `journalctl -p warning -u failover-proxy` shows the warnings, and the
+/// journal's own colouring and forwarding by priority work.
+struct Prioritised<F> {
+    inner: F,
+    journal: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for Prioritised<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        if self.journal {
+            let priority = match *event.metadata().level() {
+                Level::ERROR => 3,
+                Level::WARN => 4,
+                Level::INFO => 6,
+                _ => 7,
+            };
+            write!(writer, "<{priority}>")?;
+        }
+        self.inner.format_event(ctx, writer, event)
+    }
+}
+
+/// Whether stderr is the journal's stream. systemd names that stream in
+/// `JOURNAL_STREAM` as `device:inode`; a process started from such a unit
+/// with its stderr sent elsewhere inherits the variable, hence the check.
+fn stderr_is_journal(journal_stream: Option<std::ffi::OsString>) -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(named) = journal_stream.and_then(|v| v.into_string().ok()) else {
+        return false;
+    };
+    let Some((dev, ino)) = named.split_once(':') else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    std::io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .and_then(|fd| std::fs::File::from(fd).metadata())
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
 /// Keeps the `log_lines_dropped_total` counter, and logs how many lines

@@ -741,3 +741,65 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
         "each connection's line arrived or was counted"
     );
 }
+
+#[test]
+fn lines_carry_their_priority_when_stderr_is_the_journal() {
+    use std::io::BufRead;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    for (journal, format) in [(true, "text"), (true, "json"), (false, "text")] {
+        let dir = tempfile::tempdir().unwrap();
+        // Port 1 refuses: the first probe logs a WARN.
+        let cfg = write_config_admin(dir.path(), ip(129), 1, "", "[health]\ninterval = \"1s\"\n");
+        let (reader, writer) = std::io::pipe().unwrap();
+        let stream = std::fs::File::from(writer.as_fd().try_clone_to_owned().unwrap())
+            .metadata()
+            .unwrap();
+        // Another stream's name, as a child whose stderr was redirected
+        // inherits it.
+        let ino = if journal {
+            stream.ino()
+        } else {
+            stream.ino() + 1
+        };
+        let child = bin()
+            .arg("--config")
+            .arg(&cfg)
+            .env("JOURNAL_STREAM", format!("{}:{ino}", stream.dev()))
+            .env("FAILOVER_PROXY_LOG__FORMAT", format)
+            .stdout(std::process::Stdio::null())
+            .stderr(writer)
+            .spawn()
+            .expect("spawn failover-proxy");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(reader)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let p = Running { child, lines };
+        let seen = p.lines_until("address marked down");
+        for line in &seen {
+            let level = ["ERROR", "WARN", "INFO", "DEBUG"]
+                .into_iter()
+                .find(|l| {
+                    line.contains(&format!("\"level\":\"{l}\"")) || line.contains(&format!(" {l} "))
+                })
+                .unwrap_or_else(|| panic!("no level in {line}"));
+            let prefix = match level {
+                "ERROR" => "<3>",
+                "WARN" => "<4>",
+                "INFO" => "<6>",
+                _ => "<7>",
+            };
+            assert_eq!(line.starts_with(prefix), journal, "{format}: {line}");
+            assert_eq!(line.starts_with('<'), journal, "{format}: {line}");
+        }
+        assert!(seen.len() > 1, "{seen:?}");
+    }
+}
