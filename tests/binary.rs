@@ -158,8 +158,14 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
     let live = std::net::SocketAddr::new(ip(67), port);
     let _b = backend_on(live, "b67").await;
     let dir = tempfile::tempdir().unwrap();
-    // No active health: the refusal is the connection's own attempt.
-    let cfg = write_config(dir.path(), ip(66), port, "[health]\ninterval = \"0s\"\n");
+    // No active health: the refusal is the connection's own attempt. The
+    // refused address is not tried again during the test.
+    let cfg = write_config(
+        dir.path(),
+        ip(66),
+        port,
+        "[health]\ninterval = \"0s\"\nretry_down_after = \"30s\"\n",
+    );
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.66 cluster.test\n127.0.0.67 cluster.test\n").unwrap();
     let p = Running::spawn(&cfg);
@@ -200,6 +206,20 @@ async fn connections_are_logged_with_their_attempts_and_failovers_warn() {
         ms.split_once('.').is_none_or(|(_, frac)| frac.len() <= 3),
         "{ms}"
     );
+
+    // The next connection skips the address known down: served by the
+    // second at once, with no WARN of its own. A server down for hours is
+    // not a WARN per connection.
+    let (id, client) = exchange(addr, b"abc").await;
+    assert_eq!(id, "b67");
+    let lines = p.lines_until(&client.to_string());
+    assert!(lines.iter().all(|l| !l.contains("WARN")), "{lines:#?}");
+    let (level, f) = log_fields(lines.last().unwrap());
+    assert_eq!(
+        (level.as_str(), &f["message"]),
+        ("INFO", &"connection closed".into())
+    );
+    assert_eq!(attempts_of(&f), [(live.to_string(), "ok".to_string())]);
 
     // Only the refusing address left: the client is reset, with a WARN.
     std::fs::write(&hosts, "127.0.0.66 cluster.test\n").unwrap();
