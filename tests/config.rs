@@ -499,6 +499,13 @@ fn toml_syntax_error_names_the_file() {
         for want in ["d.toml", "line 6", "\"port = 2\"", "duplicate key `port`"] {
             assert!(text.contains(want), "{want} not in {text}");
         }
+        // Neither the caret line nor the blank ones of the drawing.
+        let message = &e.problems[0].message;
+        assert!(
+            message.split(": ").all(|part| !part.trim().is_empty()),
+            "{message}"
+        );
+        assert!(!message.contains('^'), "{message}");
         Ok(())
     });
 }
