@@ -803,7 +803,11 @@ fn lines_carry_their_priority_when_stderr_is_the_journal() {
             }
         });
         let p = Running { child, lines };
-        let seen = p.lines_until("address marked down");
+        let mut seen = p.lines_until("address marked down");
+        // A reload of a broken file logs an ERROR.
+        std::fs::write(&cfg, "[[route]\n").unwrap();
+        p.signal("HUP");
+        seen.extend(p.lines_until("reload refused"));
         for line in &seen {
             let level = ["ERROR", "WARN", "INFO", "DEBUG"]
                 .into_iter()
@@ -820,6 +824,11 @@ fn lines_carry_their_priority_when_stderr_is_the_journal() {
             assert_eq!(line.starts_with(prefix), journal, "{format}: {line}");
             assert_eq!(line.starts_with('<'), journal, "{format}: {line}");
         }
-        assert!(seen.len() > 1, "{seen:?}");
+        for level in ["ERROR", "WARN", "INFO"] {
+            assert!(
+                seen.iter().any(|l| l.contains(level)),
+                "no {level} in {seen:#?}"
+            );
+        }
     }
 }
