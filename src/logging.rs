@@ -173,27 +173,81 @@ fn stderr_is_journal(journal_stream: Option<std::ffi::OsString>) -> bool {
 }
 
 /// Keeps the `log_lines_dropped_total` counter, and logs how many lines
-/// were dropped once a second has passed without a drop: while the reader
-/// is stalled the report would be dropped too. A report that was dropped
-/// all the same is made again, with the lines since.
+/// were dropped (see [`DropReport`]).
 pub async fn report_dropped() {
     let counter = metrics::counter!(crate::metrics::LOG_LINES_DROPPED);
-    let (mut reported, mut seen) = (0, 0);
+    let mut report = DropReport::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let dropped = dropped_lines();
         counter.absolute(dropped);
-        if dropped > reported && dropped == seen {
+        if let Some(lines) = report.due(dropped) {
             tracing::warn!(
-                dropped = dropped - reported,
+                dropped = lines,
                 "log lines dropped: stderr was not read fast enough"
             );
-            if dropped_lines() == dropped {
-                reported = dropped;
-            }
+            report.made(dropped, dropped_lines());
         }
-        seen = dropped;
+    }
+}
+
+/// When to report dropped log lines, one tick at a time: once a tick has
+/// passed without a drop, since while the reader is stalled the report
+/// would be dropped too. A report that was dropped all the same (the count
+/// grew as it was made) is made again later, with the lines since.
+#[derive(Debug, Default)]
+struct DropReport {
+    /// The count the last report that got through covers.
+    reported: u64,
+    /// The count at the previous tick.
+    seen: u64,
+}
+
+impl DropReport {
+    /// The lines to report at a tick that finds `dropped` dropped in all.
+    fn due(&mut self, dropped: u64) -> Option<u64> {
+        let due =
+            (dropped > self.reported && dropped == self.seen).then(|| dropped - self.reported);
+        self.seen = dropped;
+        due
+    }
+
+    /// A report was made at the count `before`; `after` is the count just
+    /// after it.
+    fn made(&mut self, before: u64, after: u64) {
+        if after == before {
+            self.reported = before;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DropReport;
+
+    #[test]
+    fn dropped_lines_are_reported_once_the_drops_stop_and_each_only_once() {
+        let mut r = DropReport::default();
+        // Nothing dropped: nothing to say.
+        assert_eq!(r.due(0), None);
+        assert_eq!(r.due(0), None);
+        // A stall: not while it lasts, then once.
+        assert_eq!(r.due(100), None);
+        assert_eq!(r.due(300), None);
+        assert_eq!(r.due(300), Some(300));
+        r.made(300, 300);
+        assert_eq!(r.due(300), None);
+        assert_eq!(r.due(300), None);
+        // Another: only the lines since.
+        assert_eq!(r.due(310), None);
+        assert_eq!(r.due(310), Some(10));
+        // The report itself was dropped: made again with what came since.
+        r.made(310, 311);
+        assert_eq!(r.due(311), None);
+        assert_eq!(r.due(311), Some(11));
+        r.made(311, 311);
+        assert_eq!(r.due(311), None);
     }
 }
