@@ -28,6 +28,7 @@ pub mod check;
 pub mod config;
 pub mod connect;
 pub mod health;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
@@ -142,6 +143,7 @@ impl Server {
     /// systemd where their address matches). Nothing is accepted until
     /// [`Server::serve`].
     pub fn bind(config: Config) -> Result<Server, StartError> {
+        limits::warn_if_short(&config.routes);
         let handle = metrics::install()?;
         let resolver = Arc::new(Resolver::new(&config.resolver)?);
         let mut inherited = service::inherited_listeners();
@@ -446,6 +448,7 @@ impl Server {
         *order = keep;
         self.publish_routes(slots, order);
         tracing::info!(routes = order.len(), "configuration reloaded");
+        limits::warn_if_short(&new.routes);
         self.config = new;
     }
 }

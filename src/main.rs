@@ -73,6 +73,14 @@ fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn run(config: Config, path: config::ConfigPath) -> ExitCode {
+    let nofile = failover_proxy::limits::raise();
+    if nofile.before != nofile.after {
+        tracing::info!(
+            before = nofile.before,
+            after = nofile.after,
+            "raised the soft open-file limit to the hard limit"
+        );
+    }
     let rt = match runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {

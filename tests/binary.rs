@@ -834,3 +834,82 @@ fn lines_carry_their_priority_when_stderr_is_the_journal() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_low_soft_open_file_limit_is_raised_and_one_too_low_is_named() {
+    let b = backend(ip(130), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), ip(130), b.addr.port(), "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
+        "[resolver]",
+        "max_connections = 1000\n\n[resolver]",
+        1,
+    );
+    std::fs::write(&cfg, text).unwrap();
+    // prlimit (util-linux) sets the limits, then runs the proxy in its place.
+    let with_limit = |limit: &str| {
+        let proxy = bin();
+        let mut p = std::process::Command::new("prlimit");
+        p.arg(format!("--nofile={limit}"))
+            .arg(proxy.get_program())
+            .arg("--config")
+            .arg(&cfg)
+            .stdin(std::process::Stdio::null());
+        // What bin() keeps out of the proxy's environment.
+        for (k, _) in proxy.get_envs() {
+            p.env_remove(k);
+        }
+        Running::spawn_with(&mut p)
+    };
+
+    // A soft limit of 256 under a hard one of 4,096: raised, and enough for
+    // 1,000 connections, so 400 held at once all get through.
+    let p = with_limit("256:4096");
+    let lines = p.lines_until("\"listening\"");
+    let addr = listen_addr(lines.last().unwrap());
+    let raised = lines
+        .iter()
+        .find(|l| l.contains("raised the soft open-file limit"))
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    let (_, f) = log_fields(raised);
+    assert_eq!(
+        (f["before"].as_u64(), f["after"].as_u64()),
+        (Some(256), Some(4096))
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("open-file limit is below")),
+        "{lines:#?}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().nth(3),
+        Some("4096"),
+        "{open_files}"
+    );
+    let mut held = Vec::new();
+    for _ in 0..400 {
+        let (id, s) = within("a held connection", served_by(addr)).await.unwrap();
+        assert_eq!(id, "b");
+        held.push(s);
+    }
+    drop(held);
+    drop(p);
+
+    // A hard limit of 1,024 cannot hold 1,000 connections: said at start,
+    // with about how many it can.
+    let p = with_limit("256:1024");
+    let lines = p.lines_until("\"listening\"");
+    let short = lines
+        .iter()
+        .find(|l| l.contains("open-file limit is below"))
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    let (level, f) = log_fields(short);
+    assert_eq!(level, "WARN");
+    assert_eq!(f["limit"], 1024);
+    assert_eq!(f["needed"], 2 * 1000 + failover_proxy::limits::SPARE);
+    assert_eq!(f["connections"], (1024 - failover_proxy::limits::SPARE) / 2);
+}
