@@ -688,6 +688,11 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
         .spawn()
         .expect("spawn failover-proxy");
     let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    // Running kills the process if the test fails; its lines are read here.
+    let mut p = Running {
+        child,
+        lines: std::sync::mpsc::channel().1,
+    };
     let (mut addr, mut admin) = (None, None);
     let mut line = String::new();
     while addr.is_none() || admin.is_none() {
@@ -747,14 +752,12 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
         Some(reported as f64),
         "the counter and the report agree"
     );
-    let _ = std::process::Command::new("kill")
-        .arg(child.id().to_string())
-        .status();
+    p.signal("TERM");
     while let Ok(line) = lines.recv_timeout(HANG) {
         count(&mut seen, &line);
     }
     reader.join().unwrap();
-    let status = child.wait().unwrap();
+    let status = p.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert_eq!(seen.1, reported, "one report for the one stall");
     assert_eq!(
