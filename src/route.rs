@@ -475,23 +475,20 @@ async fn resolve_and_connect(
         && first != addr
     {
         st.metrics.failovers.increment(1);
-    }
-    // Only a failover this connection went through is worth a WARN: one
-    // that merely skipped an address already known down would log a line
-    // per connection for as long as that server is down, after the one
-    // line that marked it down.
-    if let Some(first) = plan.first
-        && first != addr
-        && attempts.iter().any(|a| a.result != AttemptResult::Ok)
-    {
-        tracing::warn!(
-            route = %cfg.name,
-            client.addr = %peer.0,
-            upstream.addr = %addr,
-            first = %first,
-            attempts = %AttemptsDisplay(&attempts),
-            "failover: served by other than the first address"
-        );
+        // Only a failover this connection went through is worth a WARN:
+        // one that merely skipped an address already known down would log
+        // a line per connection for as long as that server is down, after
+        // the one line that marked it down.
+        if attempts.iter().any(|a| a.result != AttemptResult::Ok) {
+            tracing::warn!(
+                route = %cfg.name,
+                client.addr = %peer.0,
+                upstream.addr = %addr,
+                first = %first,
+                attempts = %AttemptsDisplay(&attempts),
+                "failover: served by other than the first address"
+            );
+        }
     }
     Some((upstream, addr, attempts))
 }
