@@ -39,7 +39,7 @@ pub fn dropped_lines() -> u64 {
 }
 
 /// Keeps the writer thread; dropping it writes out the lines still queued,
-/// waiting at most [`FLUSH_AT_EXIT`], so a reader that stopped reading does
+/// waiting at most `FLUSH_AT_EXIT` (2 s), so a reader that stopped reading does
 /// not hold the exit (the library's own wait gives up after 1.1 s, then
 /// prints to stdout, which may be the same stalled pipe).
 pub struct LogGuard(Option<WorkerGuard>);
@@ -173,7 +173,7 @@ fn stderr_is_journal(journal_stream: Option<std::ffi::OsString>) -> bool {
 }
 
 /// Keeps the `log_lines_dropped_total` counter, and logs how many lines
-/// were dropped (see [`DropReport`]).
+/// were dropped (see `DropReport`).
 pub async fn report_dropped() {
     let counter = metrics::counter!(crate::metrics::LOG_LINES_DROPPED);
     let mut report = DropReport::default();
