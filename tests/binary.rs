@@ -40,6 +40,17 @@ fn write_config_admin(
     path
 }
 
+/// Adds `keys` to the route table of the config file at `cfg`, as written
+/// by [`write_config`].
+fn add_route_keys(cfg: &Path, keys: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap().replacen(
+        "[resolver]",
+        &format!("{keys}\n\n[resolver]"),
+        1,
+    );
+    std::fs::write(cfg, text).unwrap();
+}
+
 /// The binary with a 5-minute `drain_timeout`, serving one connection
 /// (held open) to a backend on 127.0.0.`last`; the directory holds its
 /// config, which SIGHUP reads again.
@@ -572,12 +583,7 @@ async fn rejections_over_the_limit_are_summed_and_a_burst_is_logged_when_it_ends
     let b = backend(ip(119), "b").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), ip(119), b.addr.port(), "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
-        "[resolver]",
-        "max_connections = 1\n\n[resolver]",
-        1,
-    );
-    std::fs::write(&cfg, text).unwrap();
+    add_route_keys(&cfg, "max_connections = 1");
     let p = Running::spawn(&cfg);
     let addr = listen_addr(&p.wait_line("\"listening\""));
     let (id, _held) = within("the one allowed", served_by(addr)).await.unwrap();
@@ -846,12 +852,7 @@ async fn a_low_soft_open_file_limit_is_raised_and_one_too_low_is_named() {
     let b = backend(ip(130), "b").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), ip(130), b.addr.port(), "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen(
-        "[resolver]",
-        "max_connections = 1000\n\n[resolver]",
-        1,
-    );
-    std::fs::write(&cfg, text).unwrap();
+    add_route_keys(&cfg, "max_connections = 1000");
     // prlimit (util-linux) sets the limits, then runs the proxy in its place.
     let with_limit = |limit: &str| {
         let proxy = bin();
