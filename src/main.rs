@@ -84,7 +84,7 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
     let rt = match runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            fatal(&format!("cannot start the async runtime: {e}"));
             return ExitCode::from(EXIT_FATAL);
         }
     };
@@ -94,15 +94,14 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
         let signals = match failover_proxy::Signals::install() {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %e, "cannot install signal handlers");
+                fatal(&format!("cannot install signal handlers: {e}"));
                 return ExitCode::from(EXIT_FATAL);
             }
         };
         let server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
-                tracing::error!(error = %error_chain(&e), "cannot start");
-                eprintln!("error: {}", error_chain(&e));
+                fatal(&error_chain(&e));
                 return ExitCode::from(EXIT_FATAL);
             }
         };
@@ -114,6 +113,18 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
         tracing::info!("stopped");
         ExitCode::SUCCESS
     })
+}
+
+/// Reports why the sidecar cannot run, once: as a log line, so that it is
+/// one line in the log's format (a plain line amid JSON breaks the
+/// collector's parsing, and a second copy of it doubles the journal), or on
+/// stderr as plain text when the log filter would drop it (`RUST_LOG=off`).
+fn fatal(why: &str) {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(error = %why, "cannot start");
+    } else {
+        eprintln!("error: cannot start: {why}");
+    }
 }
 
 fn run_check(config: Config) -> ExitCode {

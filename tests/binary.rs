@@ -337,21 +337,44 @@ async fn listen_address_in_use_exits_1_naming_it() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let outgoing = std::net::TcpStream::connect(taken.local_addr().unwrap()).unwrap();
     for addr in [taken.local_addr().unwrap(), outgoing.local_addr().unwrap()] {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("c.toml");
-        std::fs::write(
-            &cfg,
-            format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"\"\n"),
-        )
-        .unwrap();
-        let out = bin().arg("-c").arg(&cfg).output().unwrap();
-        assert_eq!(out.status.code(), Some(1));
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            err.contains(&format!("cannot listen on {addr} (route 127.0.0.1): "))
-                && err.contains(&format!("net.ipv4.ip_local_reserved_ports={}", addr.port())),
-            "{err}"
-        );
+        // Said once whatever the log's format and filter: a second copy
+        // doubles the journal, and a plain line amid JSON breaks parsing.
+        for (format, rust_log) in [("text", None), ("json", None), ("text", Some("off"))] {
+            let dir = tempfile::tempdir().unwrap();
+            let cfg = dir.path().join("c.toml");
+            std::fs::write(
+                &cfg,
+                format!("[[route]]\nlisten = \"{addr}\"\nalias = \"127.0.0.1\"\nport = 1\n[resolver]\nnameservers = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"\"\n[log]\nformat = \"{format}\"\n"),
+            )
+            .unwrap();
+            let mut cmd = bin();
+            cmd.arg("-c").arg(&cfg).env_remove("RUST_LOG");
+            if let Some(v) = rust_log {
+                cmd.env("RUST_LOG", v);
+            }
+            let out = cmd.output().unwrap();
+            assert_eq!(out.status.code(), Some(1));
+            let err = String::from_utf8_lossy(&out.stderr);
+            let what = format!("cannot listen on {addr} (route 127.0.0.1): ");
+            assert_eq!(
+                err.matches(&what).count(),
+                1,
+                "{format} {rust_log:?}: {err}"
+            );
+            assert!(
+                err.contains(&format!("net.ipv4.ip_local_reserved_ports={}", addr.port())),
+                "{err}"
+            );
+            if format == "json" {
+                for line in err.lines() {
+                    let v: serde_json::Value = serde_json::from_str(line)
+                        .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+                    if line.contains(&what) {
+                        assert_eq!(v["level"], "ERROR", "{line}");
+                    }
+                }
+            }
+        }
     }
 }
 
