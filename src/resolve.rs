@@ -8,6 +8,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -182,6 +183,9 @@ pub struct Resolver {
     /// DNS queries in flight, by name, for connections that arrive together
     /// to share (see `query_shared`).
     flights: Mutex<HashMap<String, Arc<Flight>>>,
+    /// A family's query was given up after the other's answer: said once
+    /// at WARN, since a server that drops AAAA queries drops every one.
+    family_dropped_logged: AtomicBool,
 }
 
 type DnsResult = Result<Vec<IpAddr>, ResolveError>;
@@ -264,6 +268,7 @@ impl Resolver {
             stale_limit: cfg.stale_on_error,
             stale: Mutex::new(HashMap::new()),
             flights: Mutex::new(HashMap::new()),
+            family_dropped_logged: AtomicBool::new(false),
         })
     }
 
@@ -510,6 +515,25 @@ impl Resolver {
         result
     }
 
+    fn family_given_up(&self, name: &str, rtype: &str, family: &str) {
+        let delay_ms = RESOLUTION_DELAY.as_millis();
+        if self.family_dropped_logged.swap(true, Ordering::Relaxed) {
+            tracing::debug!(
+                alias = name,
+                rtype,
+                delay_ms,
+                "DNS query unanswered: went on without it"
+            );
+        } else {
+            tracing::warn!(
+                alias = name,
+                rtype,
+                delay_ms,
+                "DNS query unanswered {delay_ms} ms after the other type's answer: the connection went on without it (logged once; if the DNS servers drop these queries, set resolver.family = \"{family}\" to spare each connection the wait)"
+            );
+        }
+    }
+
     /// Removes `flight` from the map, unless a newer one has taken its place.
     fn forget_flight(&self, name: &str, flight: &Arc<Flight>) {
         let mut flights = lock(&self.flights);
@@ -523,35 +547,31 @@ impl Resolver {
             Nameservers::Listed(s) => s.clone(),
             Nameservers::System(conf) => conf.current(),
         };
-        let want_a = self.family != Family::Ipv6;
-        let want_aaaa = self.family != Family::Ipv4;
-        let (a, aaaa) = tokio::join!(
-            async {
-                if want_a {
-                    Some(lookup(&servers, name, RecordType::A).await)
-                } else {
-                    None
+        let (a, aaaa) = match self.family {
+            Family::Ipv4 => (Some(lookup(&servers, name, RecordType::A).await), None),
+            Family::Ipv6 => (None, Some(lookup(&servers, name, RecordType::AAAA).await)),
+            Family::Any => {
+                let (a, aaaa) = either_family(
+                    lookup(&servers, name, RecordType::A),
+                    lookup(&servers, name, RecordType::AAAA),
+                )
+                .await;
+                let dropped = match (&a, &aaaa) {
+                    (Some(_), None) => Some(("AAAA", "ipv4")),
+                    (None, Some(_)) => Some(("A", "ipv6")),
+                    _ => None,
+                };
+                if let Some((rtype, family)) = dropped {
+                    self.family_given_up(name, rtype, family);
                 }
-            },
-            async {
-                if want_aaaa {
-                    Some(lookup(&servers, name, RecordType::AAAA).await)
-                } else {
-                    None
-                }
+                (a, aaaa)
             }
-        );
+        };
         let mut addrs = Vec::new();
         let mut errors = Vec::new();
         for r in [a, aaaa].into_iter().flatten() {
             match r {
-                Ok(lookup) => {
-                    addrs.extend(lookup.answers().iter().filter_map(|rec| match &rec.data {
-                        RData::A(a) => Some(IpAddr::V4(a.0)),
-                        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                        _ => None,
-                    }))
-                }
+                Ok(lookup) => addrs.extend(addresses(&lookup)),
                 Err(e) => errors.push(e),
             }
         }
@@ -583,6 +603,51 @@ impl Resolver {
             }),
         }
     }
+}
+
+/// How long the other family's query may still take once one family's has
+/// answered with addresses: RFC 8305's Resolution Delay. Some DNS servers
+/// and firewalls drop AAAA queries (a few drop A); waiting for the dropped
+/// one would hold every connection for the whole timeout, and its end
+/// would throw the good answer away with it.
+const RESOLUTION_DELAY: Duration = Duration::from_millis(50);
+
+/// The A and AAAA queries at once, as the system resolver asks them. Once
+/// one has addresses, the other gets `RESOLUTION_DELAY` more, and is `None`
+/// if it has not answered by then.
+async fn either_family<F>(a: F, aaaa: F) -> (Option<F::Output>, Option<F::Output>)
+where
+    F: Future<Output = Result<Lookup, NetError>>,
+{
+    let has_addresses = |r: &F::Output| r.as_ref().is_ok_and(|l| addresses(l).next().is_some());
+    let (mut a, mut aaaa) = (std::pin::pin!(a), std::pin::pin!(aaaa));
+    let rest = async |other: std::pin::Pin<&mut F>, first_has: bool| {
+        if first_has {
+            tokio::time::timeout(RESOLUTION_DELAY, other).await.ok()
+        } else {
+            Some(other.await)
+        }
+    };
+    tokio::select! {
+        r = &mut a => {
+            let other = rest(aaaa, has_addresses(&r)).await;
+            (Some(r), other)
+        }
+        r = &mut aaaa => {
+            let other = rest(a, has_addresses(&r)).await;
+            (other, Some(r))
+        }
+    }
+}
+
+/// The A and AAAA records of an answer (a CNAME chain's other records are
+/// left out).
+fn addresses(lookup: &Lookup) -> impl Iterator<Item = IpAddr> + '_ {
+    lookup.answers().iter().filter_map(|rec| match &rec.data {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+        _ => None,
+    })
 }
 
 /// Asks every nameserver at once. The first answer decides: records,

@@ -783,6 +783,38 @@ async fn family_narrows_each_source_and_never_reorders_it() {
 }
 
 #[tokio::test]
+async fn a_family_whose_query_goes_unanswered_does_not_hold_back_the_other() {
+    use failover_proxy::config::{Alias, Family};
+    use std::net::IpAddr;
+
+    // Some DNS servers and firewalls drop AAAA queries, and a few drop A.
+    // With the default family both are asked: the answered one must serve
+    // the connection without waiting out the timeout, which would also
+    // throw its answer away.
+    let dns = DnsServer::start().await;
+    let v6: IpAddr = "::1".parse().unwrap();
+    dns.set("v4.test", Behavior::DropsOtherType(vec![ip(5), ip(6)]));
+    dns.set("v6.test", Behavior::DropsOtherType(vec![v6]));
+    let timeout = Duration::from_secs(10);
+    let resolver = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+            timeout,
+            ..resolver_config(vec![dns.addr], Family::Any)
+        })
+        .expect("resolver"),
+    );
+    for (alias, want) in [("v4.test", vec![ip(5), ip(6)]), ("v6.test", vec![v6])] {
+        let started = Instant::now();
+        let got = within(alias, resolver.resolve(&Alias::parse(alias).unwrap())).await;
+        assert_eq!(got.result.expect(alias).addrs, want, "{alias}");
+        // Far below the timeout: only a wait for the dropped query could
+        // take this long.
+        let took = started.elapsed();
+        assert!(took < timeout / 4, "{alias} took {took:?}");
+    }
+}
+
+#[tokio::test]
 async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
     use failover_proxy::config::{Alias, Family};
     use std::net::IpAddr;

@@ -41,6 +41,10 @@ pub enum Behavior {
     Refused,
     /// Never answer.
     Silent,
+    /// Answer the queries of these addresses' type (A for IPv4, AAAA for
+    /// IPv6) and never the other type's: a server or firewall that drops
+    /// AAAA (or A) queries.
+    DropsOtherType(Vec<IpAddr>),
     /// Answer with bytes that are not a DNS message.
     Garbage,
     /// Answer with a well-formed message for another query id and name.
@@ -105,6 +109,17 @@ impl DnsServer {
                 let mut resp = reply_to(&req, &query);
                 resp.metadata.authoritative = true;
                 let behavior = match behavior {
+                    Behavior::DropsOtherType(ips) => {
+                        let answered = ips.iter().any(|a| match query.query_type() {
+                            RecordType::A => a.is_ipv4(),
+                            RecordType::AAAA => a.is_ipv6(),
+                            _ => false,
+                        });
+                        if !answered {
+                            continue;
+                        }
+                        Behavior::Records(ips, 60)
+                    }
                     Behavior::Numbered(base) => {
                         let n = *q.lock().unwrap();
                         if n == 1 {
@@ -116,8 +131,9 @@ impl DnsServer {
                     b => b,
                 };
                 match behavior {
-                    Behavior::Silent => continue,
-                    Behavior::Numbered(_) => continue,
+                    Behavior::Silent | Behavior::Numbered(_) | Behavior::DropsOtherType(_) => {
+                        continue;
+                    }
                     Behavior::Garbage => {
                         let mut junk = buf[..n].to_vec();
                         junk.truncate(5);
