@@ -375,21 +375,19 @@ impl Server {
                 "reload: admin, log and runtime settings take effect only after a restart"
             );
         }
-        if new.resolver != old.resolver {
+        // Built now, installed once every new listener is bound: a failure
+        // of either leaves all as it was.
+        let resolver = if new.resolver == old.resolver {
+            None
+        } else {
             match Resolver::new(&new.resolver) {
-                Ok(r) => {
-                    self.shared
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .resolver = Arc::new(r);
-                }
+                Ok(r) => Some(r),
                 Err(e) => {
                     tracing::error!(error = %error_chain(&e), "reload: cannot build the new resolver; keeping the running configuration");
                     return;
                 }
             }
-        }
-        // Bind every new listener first, so a failure leaves all as it was.
+        };
         let mut fresh = Vec::new();
         for rc in new
             .routes
@@ -403,6 +401,14 @@ impl Server {
                     return;
                 }
             }
+        }
+        if let Some(r) = resolver {
+            let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
+            // The last good answers go on: a reload made during a DNS
+            // outage (to add a server, or to lengthen stale_on_error) must
+            // not leave the next connections with no answer at all.
+            r.keep_last_good_of(&shared.resolver);
+            shared.resolver = Arc::new(r);
         }
         let keep: Vec<SocketAddr> = new.routes.iter().map(|r| r.listen).collect();
         let mut removed = Vec::new();

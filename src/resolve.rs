@@ -272,6 +272,37 @@ impl Resolver {
         })
     }
 
+    /// Takes over `old`'s last good answers (those this resolver's family
+    /// admits), with their age and whether DNS was failing for them: a
+    /// resolver built by a reload serves them as the old one would have.
+    pub fn keep_last_good_of(&self, old: &Resolver) {
+        let old = lock(&old.stale);
+        let mut stale = lock(&self.stale);
+        for (name, last) in old.iter() {
+            let addrs: Vec<IpAddr> = last
+                .addrs
+                .iter()
+                .copied()
+                .filter(|ip| self.family.admits(*ip))
+                .collect();
+            if addrs.is_empty() {
+                continue;
+            }
+            stale.insert(
+                name.clone(),
+                LastGood {
+                    addrs,
+                    when: last.when,
+                    at: last.at,
+                    failing: last.failing.clone(),
+                    // The old resolver's query in the background answers
+                    // the old one: this one asks for itself.
+                    asking: false,
+                },
+            );
+        }
+    }
+
     /// Resolves `alias` now: hosts file, then DNS, then (on a DNS failure
     /// only) the last good answer if it is recent enough.
     pub async fn resolve(self: &Arc<Self>, alias: &Alias) -> Resolution {
@@ -1150,6 +1181,47 @@ fn read_hosts(path: &Path, wanted: &[String]) -> io::Result<(HostsTable, Vec<Ski
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_rebuilt_resolver_keeps_the_last_good_answers_its_family_admits() {
+        let cfg = |family| ResolverConfig {
+            nameservers: vec!["127.0.0.1:9".parse().unwrap()],
+            hosts_file: None,
+            family,
+            timeout: Duration::from_secs(1),
+            stale_on_error: Some(Duration::from_secs(300)),
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let old = Resolver::new(&cfg(Family::Any)).unwrap();
+        let when = Instant::now() - Duration::from_secs(60);
+        let failing = ResolveError::ServFail {
+            alias: "mixed.example".into(),
+        };
+        for (name, addrs) in [
+            ("mixed.example", vec![ip("10.0.0.1"), ip("::1")]),
+            ("v4.example", vec![ip("10.0.0.2")]),
+        ] {
+            lock(&old.stale).insert(
+                name.into(),
+                LastGood {
+                    addrs,
+                    when,
+                    at: SystemTime::now(),
+                    failing: Some(failing.clone()),
+                    asking: true,
+                },
+            );
+        }
+        let new = Resolver::new(&cfg(Family::Ipv6)).unwrap();
+        new.keep_last_good_of(&old);
+        let stale = lock(&new.stale);
+        let kept = stale.get("mixed.example").expect("kept");
+        assert_eq!(kept.addrs, vec![ip("::1")]);
+        assert_eq!(kept.when, when, "its age goes on");
+        assert!(kept.failing.is_some(), "DNS is still known to fail");
+        assert!(!kept.asking, "the old resolver's query answers the old one");
+        assert!(!stale.contains_key("v4.example"), "nothing left to serve");
+    }
 
     #[test]
     fn hosts_keeps_every_line_in_file_order() {

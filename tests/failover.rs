@@ -534,6 +534,92 @@ async fn while_dns_fails_the_last_good_answer_serves_only_until_stale_on_error()
     assert_reset(proxy.addr()).await;
 }
 
+/// Sends `cfg` as a reload, then waits until `/status` names `route`: a
+/// reload that renames the route is then applied (or, with a reload before
+/// it in the channel, that one too).
+async fn reload_until_named(proxy: &Proxy, cfg: failover_proxy::Config, route: &str) {
+    proxy
+        .control
+        .send(failover_proxy::Control::Reload(Box::new(cfg)))
+        .await
+        .unwrap();
+    let admin = proxy.admin.expect("admin endpoint");
+    eventually("the reload applied", || async {
+        let (_, status) = http_get(admin, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        v["routes"][0]["name"] == route
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_during_a_dns_outage_keeps_the_last_good_answer() {
+    // The natural move during a long outage: lengthen stale_on_error (or
+    // add a DNS server) and reload. The new resolver must not start with
+    // no answer at all, or every connection would be reset from then on.
+    let (dns, b1, proxy) = served_once(132, "5m").await;
+    dns.set("cluster.test", Behavior::ServFail);
+    assert_eq!(id_via(proxy.addr()).await, "b1");
+    let next = config(&route_toml(
+        "cluster.test",
+        b1.addr.port(),
+        "name = \"longer-stale\"\n",
+        &format!("{}stale_on_error = \"1h\"\n", resolver_toml(dns.addr, None)),
+    ));
+    reload_until_named(&proxy, next, "longer-stale").await;
+    for _ in 0..3 {
+        assert_eq!(id_via(proxy.addr()).await, "b1");
+    }
+    // Once DNS answers again, the new resolver hears it.
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(133), b1.addr.port()), "b2").await;
+    dns.records("cluster.test", &[ip(133)]);
+    eventually("the new answer used", || async {
+        id_via(proxy.addr()).await == "b2"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_reload_leaves_the_resolver_as_it_was() {
+    // The reload changes the DNS server and adds a route whose address is
+    // taken: it is refused as a whole, resolver included.
+    let (dns, b1, proxy) = served_once(134, "5m").await;
+    let other = DnsServer::start().await;
+    let _b2 = backend_on(std::net::SocketAddr::new(ip(135), b1.addr.port()), "b2").await;
+    other.records("cluster.test", &[ip(135)]);
+    let taken = std::net::TcpListener::bind(std::net::SocketAddr::new(ip(136), 0)).unwrap();
+    let route = |name: &str| {
+        format!(
+            "[[route]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {}\n",
+            b1.addr.port()
+        )
+    };
+    let refused = config(&format!(
+        "{}[[route]]\nlisten = \"{}\"\nalias = \"cluster.test\"\nport = 1\n[resolver]\n{}stale_on_error = \"5m\"\n",
+        route("refused"),
+        taken.local_addr().unwrap(),
+        resolver_toml(other.addr, None)
+    ));
+    proxy
+        .control
+        .send(failover_proxy::Control::Reload(Box::new(refused)))
+        .await
+        .unwrap();
+    // A reload after it, with the first configuration's resolver and a new
+    // route name: once it shows, the refused one was handled before it.
+    let same = config(&format!(
+        "{}[resolver]\n{}stale_on_error = \"5m\"\n",
+        route("kept"),
+        resolver_toml(dns.addr, None)
+    ));
+    reload_until_named(&proxy, same, "kept").await;
+    assert_eq!(
+        id_via(proxy.addr()).await,
+        "b1",
+        "asked the refused reload's DNS server"
+    );
+}
+
 #[tokio::test]
 async fn without_stale_on_error_a_dns_failure_resets() {
     let (dns, _b1, proxy) = served_once(34, "0s").await;
