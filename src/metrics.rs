@@ -152,8 +152,8 @@ pub struct RouteMetrics {
     resolve_hosts: Histogram,
     resolve_errors: [Counter; 5],
     pub stale: Counter,
-    pub bytes_to_upstream: Counter,
-    pub bytes_to_client: Counter,
+    /// Bytes to the upstream, then to the client.
+    pub bytes: [Counter; 2],
     pub connection_duration: Histogram,
     counted: Mutex<Counted>,
 }
@@ -202,8 +202,10 @@ impl RouteMetrics {
                 rerr(ResolveErrorKind::Other),
             ],
             stale: counter!(RESOLVE_STALE, "route" => r.clone()),
-            bytes_to_upstream: counter!(BYTES, "route" => r.clone(), "direction" => "to_upstream"),
-            bytes_to_client: counter!(BYTES, "route" => r.clone(), "direction" => "to_client"),
+            bytes: [
+                counter!(BYTES, "route" => r.clone(), "direction" => "to_upstream"),
+                counter!(BYTES, "route" => r.clone(), "direction" => "to_client"),
+            ],
             connection_duration: histogram!(CONNECTION_DURATION, "route" => r.clone()),
             counted: Mutex::new(Counted::default()),
         }

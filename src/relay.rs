@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
+use metrics::Counter;
 use rustix::net::{SendFlags, send};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWriteExt, Interest, ReadBuf};
@@ -57,10 +58,47 @@ impl End {
     }
 }
 
-#[derive(Debug, Default)]
-pub struct Counts {
+/// The bytes one connection has moved each way, for its log line, and the
+/// route's counters, which each transfer adds to as it happens: a scrape
+/// shows the traffic of connections that are still open (a client may hold
+/// one for days), not only of those that have ended.
+#[derive(Debug)]
+pub struct Counts<'a> {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
+    meters: Option<&'a [Counter; 2]>,
+}
+
+impl<'a> Counts<'a> {
+    /// `meters`: the route's to-upstream and to-client byte counters.
+    pub fn new(meters: &'a [Counter; 2]) -> Counts<'a> {
+        Counts {
+            to_upstream: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            meters: Some(meters),
+        }
+    }
+
+    /// No bytes, for a connection that never reached a server.
+    pub fn none() -> Counts<'static> {
+        Counts {
+            to_upstream: AtomicU64::new(0),
+            to_client: AtomicU64::new(0),
+            meters: None,
+        }
+    }
+
+    fn add(&self, to_upstream: bool, n: u64) {
+        let (count, meter) = if to_upstream {
+            (&self.to_upstream, 0)
+        } else {
+            (&self.to_client, 1)
+        };
+        count.fetch_add(n, Ordering::Relaxed);
+        if let Some(m) = self.meters {
+            m[meter].increment(n);
+        }
+    }
 }
 
 /// The side an I/O error happened on.
@@ -86,7 +124,7 @@ pub fn relay<'a>(
     client: &'a mut TcpStream,
     upstream: &'a mut TcpStream,
     idle: Option<Duration>,
-    counts: &'a Counts,
+    counts: &'a Counts<'a>,
     mode: Mode,
 ) -> impl Future<Output = (End, Option<io::Error>)> + Send + 'a {
     async move {
@@ -134,7 +172,7 @@ fn both_ways<'a>(
     mut upstream_r: ReadHalf<'a>,
     mut upstream_w: WriteHalf<'a>,
     idle: Option<Duration>,
-    counts: &'a Counts,
+    counts: &'a Counts<'a>,
     mode: Mode,
 ) -> impl Future<Output = Result<End, DirError>> + Send + 'a {
     async move {
@@ -147,7 +185,7 @@ fn both_ways<'a>(
         let keepalive_due = AtomicBool::new(false);
         let up_dir = Dir {
             src_side: Side::Client,
-            count: &counts.to_upstream,
+            counts,
             last: &last,
             other_finished: &down_finished,
             started,
@@ -156,7 +194,7 @@ fn both_ways<'a>(
         };
         let down_dir = Dir {
             src_side: Side::Upstream,
-            count: &counts.to_client,
+            counts,
             last: &last,
             other_finished: &up_finished,
             started,
@@ -254,7 +292,7 @@ async fn read_now(src: &mut ReadHalf<'_>, buf: &mut [u8]) -> io::Result<Option<u
 /// What one direction needs besides its two sockets.
 struct Dir<'a> {
     src_side: Side,
-    count: &'a AtomicU64,
+    counts: &'a Counts<'a>,
     last: &'a AtomicU64,
     /// The other direction has passed its FIN on: a FIN read here needs no
     /// write shutdown, since the close that follows sends it.
@@ -289,7 +327,7 @@ async fn pump(
         error,
     };
     let moved = |n: usize| {
-        d.count.fetch_add(n as u64, Ordering::Relaxed);
+        d.counts.add(d.src_side == Side::Client, n as u64);
         let ms = u64::try_from(d.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         d.last.store(ms, Ordering::Relaxed);
     };

@@ -365,7 +365,7 @@ pub fn serve(
             return;
         };
         // TCP_NODELAY comes from the listener (listener::bind).
-        let counts = Counts::default();
+        let counts = Counts::new(&route.state.metrics.bytes);
         let (end, error) = relay(
             &mut client,
             &mut upstream,
@@ -377,11 +377,6 @@ pub fn serve(
         if let Some(e) = error {
             tracing::debug!(route = %route.cfg.name, client.addr = %peer.0, error = %e, "relay ended by an error");
         }
-        let m = &route.state.metrics;
-        m.bytes_to_upstream
-            .increment(counts.to_upstream.load(Ordering::Relaxed));
-        m.bytes_to_client
-            .increment(counts.to_client.load(Ordering::Relaxed));
         log_end(
             &route,
             peer,
@@ -422,7 +417,7 @@ async fn resolve_and_connect(
                 peer,
                 None,
                 &[],
-                &Counts::default(),
+                &Counts::none(),
                 started,
                 Outcome::ResolveFailed,
             );
@@ -462,7 +457,7 @@ async fn resolve_and_connect(
             peer,
             None,
             &attempts,
-            &Counts::default(),
+            &Counts::none(),
             started,
             Outcome::NoUpstream,
         );
@@ -504,7 +499,7 @@ fn log_end(
     peer: ClientAddr,
     upstream: Option<SocketAddr>,
     attempts: &[Attempt],
-    counts: &Counts,
+    counts: &Counts<'_>,
     started: Instant,
     outcome: Outcome,
 ) {

@@ -569,3 +569,63 @@ async fn address_series_stay_bounded_while_the_answer_churns() {
         .count();
     assert_eq!(up, 300);
 }
+
+/// A client may hold one connection for days: the byte counters must show
+/// its traffic while it flows, not when the connection ends.
+#[tokio::test]
+async fn bytes_are_counted_while_the_connection_is_open() {
+    use tokio::io::AsyncReadExt;
+
+    let b = backend(ip(137), "b137").await;
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"live-bytes\"\nlisten = \"127.0.0.138:0\"\nalias = \"{}\"\nport = {}\n",
+        b.addr.ip(),
+        b.addr.port()
+    )));
+    let admin = proxy.admin.expect("admin endpoint");
+    let bytes = |dir: &'static str| async move {
+        let s = scrape(admin).await;
+        sample(
+            &s,
+            "failover_proxy_bytes_total",
+            &[("route", "live-bytes"), ("direction", dir)],
+        )
+    };
+    let (id, s) = within("served", served_by(proxy.addr()))
+        .await
+        .expect("served");
+    assert_eq!(id, "b137");
+    let (mut r, mut w) = s.into_split();
+    // Small messages take the buffer path; a burst that fills the buffer
+    // goes on through splice. Both must count as they go.
+    let mut sent = 0usize;
+    for len in [1_000usize, 300_000] {
+        let payload = vec![b'x'; len];
+        let writer = tokio::spawn(async move {
+            w.write_all(&payload).await.unwrap();
+            w
+        });
+        let mut echo = vec![0u8; len];
+        within("the echo", r.read_exact(&mut echo)).await.unwrap();
+        w = writer.await.unwrap();
+        sent += len;
+        let want = (Some(sent as f64), Some((sent + "b137\n".len()) as f64));
+        eventually("the open connection's bytes counted", || async {
+            (bytes("to_upstream").await, bytes("to_client").await) == want
+        })
+        .await;
+    }
+    // Its end adds nothing more: every byte was counted once.
+    drop((r, w));
+    eventually("the connection ended", || async {
+        let s = scrape(admin).await;
+        sample(
+            &s,
+            "failover_proxy_connections_active",
+            &[("route", "live-bytes")],
+        ) == Some(0.0)
+    })
+    .await;
+    assert_eq!(bytes("to_upstream").await, Some(sent as f64));
+    assert_eq!(bytes("to_client").await, Some((sent + 5) as f64));
+}
