@@ -536,21 +536,19 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
     let runtime = {
         let d = r.section(top, "runtime");
         r.unknown_keys(d, "runtime", &["worker_threads", "relay"]);
-        let mut worker_threads: usize = r.get(d, "runtime", "worker_threads").unwrap_or(0);
-        // The runtime starts every worker before it binds, so a typo such
-        // as 100000 would spend minutes and gigabytes starting threads.
-        if worker_threads > MAX_WORKER_THREADS {
-            r.problem(
+        // Bounded: the runtime starts every worker before it binds, so a
+        // typo such as 100000 would spend minutes and gigabytes starting
+        // threads.
+        let worker_threads = r
+            .whole(
                 d,
                 "runtime",
                 "worker_threads",
-                None,
-                format!(
-                    "{worker_threads} is too many: 0 (one per CPU core) to {MAX_WORKER_THREADS}"
-                ),
-            );
-            worker_threads = 0;
-        }
+                (0, MAX_WORKER_THREADS as i64),
+                &format!("0 (one per CPU core) to {MAX_WORKER_THREADS}"),
+            )
+            .and_then(|n| usize::try_from(n).ok())
+            .unwrap_or(0);
         RuntimeConfig {
             worker_threads,
             relay: r
@@ -794,15 +792,52 @@ impl Reader<'_> {
         }
     }
 
+    /// A whole number from `min` to `max`. One message for every way out of
+    /// the range (0, -1 and 70,000 for a port alike), rather than the
+    /// deserializer's "expected u16".
+    fn whole(
+        &mut self,
+        d: &Dict,
+        prefix: &str,
+        key: &str,
+        (min, max): (i64, i64),
+        range: &str,
+    ) -> Option<i64> {
+        let v = d.get(key)?;
+        // TOML gives signed numbers, environment variables unsigned ones.
+        let Some(n) = v
+            .to_i128()
+            .or_else(|| v.to_u128().and_then(|u| i128::try_from(u).ok()))
+        else {
+            self.push(
+                Some(v),
+                join(prefix, key),
+                path_of(prefix, key),
+                format!("expected a whole number, found {}", v.to_actual()),
+            );
+            return None;
+        };
+        match i64::try_from(n) {
+            Ok(n) if (min..=max).contains(&n) => Some(n),
+            _ => {
+                self.problem(d, prefix, key, None, format!("must be {range}, not {n}"));
+                None
+            }
+        }
+    }
+
     fn count(&mut self, d: &Dict, prefix: &str, key: &str, default: u32) -> NonZeroU32 {
         let fallback = NonZeroU32::new(default).unwrap_or(NonZeroU32::MIN);
-        match self.get::<u32>(d, prefix, key) {
-            None => fallback,
-            Some(n) => NonZeroU32::new(n).unwrap_or_else(|| {
-                self.problem(d, prefix, key, None, "must be at least 1".into());
-                fallback
-            }),
-        }
+        self.whole(
+            d,
+            prefix,
+            key,
+            (1, i64::from(u32::MAX)),
+            &format!("1 to {}", u32::MAX),
+        )
+        .and_then(|n| u32::try_from(n).ok())
+        .and_then(NonZeroU32::new)
+        .unwrap_or(fallback)
     }
 
     fn choice<T: Copy>(
@@ -956,17 +991,12 @@ impl Reader<'_> {
                 }
             },
         };
-        let port = match self.get::<u16>(d, p, "port") {
+        let port = match self.whole(d, p, "port", (1, 65535), "1 to 65535") {
             None if !d.contains_key("port") => {
                 self.missing(item, p, "port", "the servers' port, 1 to 65535");
                 None
             }
-            None => None,
-            Some(0) => {
-                self.problem(d, p, "port", None, "must be 1 to 65535".into());
-                None
-            }
-            Some(n) => Some(n),
+            n => n.and_then(|n| u16::try_from(n).ok()),
         };
         let order = self
             .choice(

@@ -393,6 +393,44 @@ fn a_route_without_a_required_key_is_refused_naming_the_key() {
 }
 
 #[test]
+fn a_whole_number_out_of_range_gets_its_range_whichever_way_it_is_out() {
+    // The deserializer's own words ("expected u16") name a Rust type, not
+    // what the key takes.
+    let cases = [
+        ("port", "0", "must be 1 to 65535, not 0"),
+        ("port", "70000", "must be 1 to 65535, not 70000"),
+        ("port", "-1", "must be 1 to 65535, not -1"),
+        (
+            "port",
+            "\"8080\"",
+            "expected a whole number, found string \"8080\"",
+        ),
+        ("port", "1.5", "expected a whole number, found float `1.5`"),
+        ("max_connections", "0", "must be 1 to 4294967295, not 0"),
+        (
+            "max_connections",
+            "5000000000",
+            "must be 1 to 4294967295, not 5000000000",
+        ),
+    ];
+    for (key, value, message) in cases {
+        Jail::expect_with(|jail| {
+            let port = if key == "port" { "" } else { "port = 1\n" };
+            jail.create_file(
+                "c.toml",
+                &format!("[[route]]\nlisten = \"127.0.0.1:41000\"\nalias = \"a\"\n{port}{key} = {value}\n"),
+            )?;
+            let e = load_file(jail, "c.toml").expect_err("must fail");
+            let p = problems(&e);
+            assert_eq!(p.len(), 1, "{key} = {value}: {p:?}");
+            assert_eq!(p[0].0, format!("route[0].{key}"));
+            assert_eq!(p[0].2, message, "{key} = {value}");
+            Ok(())
+        });
+    }
+}
+
+#[test]
 fn duplicate_listen_and_names_are_refused() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", &format!("{ROUTE}{ROUTE}"))?;
