@@ -332,18 +332,16 @@ impl Server {
     /// Resolves once at start (so `/readyz` and the log know at once), then
     /// runs active probes when `health.interval` is set.
     fn start_health(&self, route: &Arc<Route>) -> JoinHandle<()> {
-        let shared = self
-            .shared
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let shared = self.shared.clone();
         let interval = route.health_cfg.interval;
         let route = route.clone();
         tokio::spawn(async move {
-            match route
-                .resolve(&shared.resolver, std::time::Instant::now())
-                .await
-            {
+            let resolver = shared
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .resolver
+                .clone();
+            match route.resolve(&resolver, std::time::Instant::now()).await {
                 Ok(a) => {
                     tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved");
                     route.state.health.track(&a.socket_addrs(route.cfg.port));

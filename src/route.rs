@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -527,10 +527,15 @@ fn log_end(
 /// Active health: every `interval`, resolve the alias the way connections
 /// do and probe each address with a TCP connect, spreading the probes over
 /// the interval so a large answer is not hit all at once.
-pub async fn probe_loop(route: Arc<Route>, shared: Shared, interval: Duration) {
+///
+/// `shared` is read afresh each round: a reload replaces the resolver and
+/// the list of the proxy's own listeners without restarting the probes of
+/// a route it leaves unchanged.
+pub async fn probe_loop(route: Arc<Route>, shared: Arc<RwLock<Shared>>, interval: Duration) {
     let cfg = &route.cfg;
     loop {
         let round = Instant::now();
+        let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
         match route
             .resolve(&shared.resolver, std::time::Instant::now())
             .await

@@ -629,3 +629,47 @@ async fn bytes_are_counted_while_the_connection_is_open() {
     assert_eq!(bytes("to_upstream").await, Some(sent as f64));
     assert_eq!(bytes("to_client").await, Some((sent + 5) as f64));
 }
+
+/// A reload that changes only the resolver leaves the route as it was, and
+/// its probes running: they must ask the new DNS servers, or `/status`,
+/// `/readyz` and health follow a server the operator has replaced.
+#[tokio::test]
+async fn active_health_asks_the_dns_servers_of_the_last_reload() {
+    let old_dns = DnsServer::start().await;
+    let new_dns = DnsServer::start().await;
+    let b1 = backend(ip(140), "b140").await;
+    let _b2 = backend_on(SocketAddr::new(ip(142), b1.addr.port()), "b142").await;
+    old_dns.records("probed.test", &[ip(140)]);
+    new_dns.records("probed.test", &[ip(142)]);
+    let cfg = |dns: SocketAddr| {
+        config(&format!(
+            "[[route]]\nname = \"probed\"\nlisten = \"127.0.0.141:0\"\nalias = \"probed.test\"\nport = {}\n\
+             [health]\ninterval = \"100ms\"\n[resolver]\n{}",
+            b1.addr.port(),
+            resolver_toml(dns, None)
+        ))
+    };
+    let proxy = start(cfg(old_dns.addr));
+    let admin = proxy.admin.expect("admin endpoint");
+    let shown = || async {
+        let (_, status) = http_get(admin, "/status").await;
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        v["routes"][0]["answer"]["addresses"].clone()
+    };
+    let want = |a: SocketAddr| serde_json::json!([a.to_string()]);
+    eventually("the first answer, from the probes", || async {
+        shown().await == want(b1.addr)
+    })
+    .await;
+    // No client connects: only the probes can bring the new answer.
+    proxy
+        .control
+        .send(failover_proxy::Control::Reload(Box::new(cfg(new_dns.addr))))
+        .await
+        .unwrap();
+    let moved = SocketAddr::new(ip(142), b1.addr.port());
+    eventually("the new DNS server's answer, from the probes", || async {
+        shown().await == want(moved)
+    })
+    .await;
+}
