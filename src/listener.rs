@@ -46,14 +46,36 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     // once here instead of once per connection.
     socket.set_nodelay(true)?;
     if let Err(e) = socket.bind(addr) {
-        return Err(match ephemeral_hint(addr.port()) {
-            Some(hint) if e.kind() == io::ErrorKind::AddrInUse => {
-                io::Error::new(e.kind(), format!("{e}; {hint}"))
-            }
-            _ => e,
+        let hint = match e.kind() {
+            io::ErrorKind::AddrInUse => ephemeral_hint(addr.port()),
+            io::ErrorKind::PermissionDenied => privileged_hint(addr.port()),
+            _ => None,
+        };
+        return Err(match hint {
+            Some(hint) => io::Error::new(e.kind(), format!("{e}; {hint}")),
+            None => e,
         });
     }
     socket.listen(LISTEN_BACKLOG)
+}
+
+/// Why binding a port may be refused: it is below the first port the
+/// kernel lets any user bind. Legacy clients often have the port fixed
+/// (443, 389), and the hardened unit grants no capability.
+fn privileged_hint(port: u16) -> Option<String> {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start").ok()?;
+    privileged_hint_in(port, &start)
+}
+
+fn privileged_hint_in(port: u16, start: &str) -> Option<String> {
+    let start: u32 = start.trim().parse().ok()?;
+    (u32::from(port) < start).then(|| {
+        format!(
+            "ports below {start} need the CAP_NET_BIND_SERVICE capability: under systemd, \
+             let the socket unit bind the port (systemd/failover-proxy.socket: the service \
+             unit grants no capability); elsewhere, grant the process that capability"
+        )
+    })
 }
 
 /// Why a port may be in use with no server on it: it is in the range the
@@ -245,7 +267,23 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::ephemeral_hint_in;
+    use super::{ephemeral_hint_in, privileged_hint_in};
+
+    #[test]
+    fn a_refused_port_gets_a_hint_only_below_the_unprivileged_start() {
+        let hint = privileged_hint_in(443, "1024\n").expect("below the start");
+        assert!(
+            hint.starts_with("ports below 1024 need the CAP_NET_BIND_SERVICE capability")
+                && hint.contains("failover-proxy.socket"),
+            "{hint}"
+        );
+        assert!(privileged_hint_in(1023, "1024").is_some());
+        // At or above the start, or where any port is allowed, the refusal
+        // has another cause (a security module, say): no hint.
+        assert_eq!(privileged_hint_in(1024, "1024"), None);
+        assert_eq!(privileged_hint_in(80, "0"), None);
+        assert_eq!(privileged_hint_in(80, ""), None);
+    }
 
     #[test]
     fn a_port_in_use_gets_a_hint_only_when_outgoing_connections_can_take_it() {

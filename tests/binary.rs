@@ -999,3 +999,59 @@ async fn a_low_soft_open_file_limit_is_raised_and_one_too_low_is_named() {
     assert_eq!(f["needed"], 2 * 1000 + failover_proxy::limits::SPARE);
     assert_eq!(f["connections"], (1024 - failover_proxy::limits::SPARE) / 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_below_the_unprivileged_start_is_refused_with_the_way_out() {
+    // Legacy clients often have their port fixed (443, 389); the hardened
+    // unit grants no capability, so the error must say what to do.
+    let start: u32 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    if start == 0 {
+        eprintln!("every port may be bound here: nothing to refuse");
+        return;
+    }
+    let port = u16::try_from(start - 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[route]]\nlisten = \"127.0.0.144:{port}\"\nalias = \"127.0.0.1\"\nport = 1\n\
+             [resolver]\nnameservers = [\"127.0.0.1:9\"]\n[admin]\nlisten = \"\"\n"
+        ),
+    )
+    .unwrap();
+    let proxy = bin();
+    // Root binds any port: run it without the capability (setpriv, from
+    // util-linux, takes it out of the bounding set for the exec).
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let mut cmd = if root {
+        let mut c = std::process::Command::new("setpriv");
+        c.args(["--bounding-set", "-net_bind_service"])
+            .arg(proxy.get_program());
+        c
+    } else {
+        std::process::Command::new(proxy.get_program())
+    };
+    for (k, _) in proxy.get_envs() {
+        cmd.env_remove(k);
+    }
+    let out = cmd.arg("-c").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot listen on 127.0.0.144:{port}"))
+            && err.contains("Permission denied")
+            && err.contains(&format!(
+                "ports below {start} need the CAP_NET_BIND_SERVICE capability"
+            ))
+            && err.contains("systemd/failover-proxy.socket"),
+        "{err}"
+    );
+}
