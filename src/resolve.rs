@@ -535,10 +535,11 @@ impl Resolver {
         };
         // Boxed: the query's state is over a kilobyte. Unboxed, it would be
         // part of every connection's task for the connection's whole life,
-        // and of every connection waiting on this query meanwhile.
-        let result = tokio::time::timeout_at(deadline, Box::pin(self.query_dns(name)))
-            .await
-            .unwrap_or_else(|_| Err(timed_out()));
+        // and of every connection waiting on this query meanwhile. It ends
+        // each of its queries by the deadline itself: a timeout around it
+        // would race theirs and could throw away the answer one of them has
+        // when the other times out.
+        let result = Box::pin(self.query_dns(name, deadline)).await;
         // Out of the map before the answer is out: whoever the answer
         // wakes and cannot use then finds no query in flight and asks.
         self.forget_flight(name, &flight);
@@ -546,21 +547,29 @@ impl Resolver {
         result
     }
 
-    fn family_given_up(&self, name: &str, rtype: &str, family: &str) {
-        let delay_ms = RESOLUTION_DELAY.as_millis();
+    /// Says once, at WARN, that one type's query went unanswered and the
+    /// connection went on with the other's addresses: a server that drops
+    /// AAAA (or A) queries drops every one, and `family` spares the wait.
+    fn family_given_up(&self, name: &str, dropped: Dropped) {
+        let (rtype, waited, family) = match dropped {
+            Dropped::Aaaa => (
+                "AAAA",
+                format!("{} ms after the A answer", RESOLUTION_DELAY.as_millis()),
+                "ipv4",
+            ),
+            Dropped::A => ("A", "within resolver.timeout".to_string(), "ipv6"),
+        };
         if self.family_dropped_logged.swap(true, Ordering::Relaxed) {
             tracing::debug!(
                 alias = name,
                 rtype,
-                delay_ms,
                 "DNS query unanswered: went on without it"
             );
         } else {
             tracing::warn!(
                 alias = name,
                 rtype,
-                delay_ms,
-                "DNS query unanswered {delay_ms} ms after the other type's answer: the connection went on without it (logged once; if the DNS servers drop these queries, set resolver.family = \"{family}\" to spare each connection the wait)"
+                "DNS query unanswered {waited}: the connection went on without it (logged once; if the DNS servers drop {rtype} queries, set resolver.family = \"{family}\" to spare each connection the wait)"
             );
         }
     }
@@ -573,29 +582,41 @@ impl Resolver {
         }
     }
 
-    async fn query_dns(&self, name: &str) -> Result<Vec<IpAddr>, ResolveError> {
+    /// The A and AAAA answers for `name`, each query ending by `deadline`
+    /// at the latest (a timeout of one leaves the other's answer usable).
+    async fn query_dns(
+        &self,
+        name: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Vec<IpAddr>, ResolveError> {
         let servers = match &self.dns {
             Nameservers::Listed(s) => s.clone(),
             Nameservers::System(conf) => conf.current(),
         };
+        let ask = |rtype| {
+            let servers = &servers;
+            async move {
+                tokio::time::timeout_at(deadline, lookup(servers, name, rtype))
+                    .await
+                    .unwrap_or(Err(NetError::Timeout))
+            }
+        };
         let (a, aaaa) = match self.family {
-            Family::Ipv4 => (Some(lookup(&servers, name, RecordType::A).await), None),
-            Family::Ipv6 => (None, Some(lookup(&servers, name, RecordType::AAAA).await)),
+            Family::Ipv4 => (Some(ask(RecordType::A).await), None),
+            Family::Ipv6 => (None, Some(ask(RecordType::AAAA).await)),
             Family::Any => {
-                let (a, aaaa) = either_family(
-                    lookup(&servers, name, RecordType::A),
-                    lookup(&servers, name, RecordType::AAAA),
-                )
-                .await;
-                let dropped = match (&a, &aaaa) {
-                    (Some(_), None) => Some(("AAAA", "ipv4")),
-                    (None, Some(_)) => Some(("A", "ipv6")),
-                    _ => None,
+                let (a, aaaa) = either_family(ask(RecordType::A), ask(RecordType::AAAA)).await;
+                let has = |r: &Result<Lookup, NetError>| {
+                    r.as_ref().is_ok_and(|l| addresses(l).next().is_some())
                 };
-                if let Some((rtype, family)) = dropped {
-                    self.family_given_up(name, rtype, family);
+                match &aaaa {
+                    None => self.family_given_up(name, Dropped::Aaaa),
+                    Some(r6) if has(r6) && matches!(a, Err(NetError::Timeout)) => {
+                        self.family_given_up(name, Dropped::A)
+                    }
+                    Some(_) => {}
                 }
-                (a, aaaa)
+                (Some(a), aaaa)
             }
         };
         let mut addrs = Vec::new();
@@ -636,38 +657,41 @@ impl Resolver {
     }
 }
 
-/// How long the other family's query may still take once one family's has
-/// answered with addresses: RFC 8305's Resolution Delay. Some DNS servers
-/// and firewalls drop AAAA queries (a few drop A); waiting for the dropped
-/// one would hold every connection for the whole timeout, and its end
-/// would throw the good answer away with it.
+/// How long the AAAA query may still take once the A query has brought
+/// addresses: RFC 8305's Resolution Delay, for the family that comes second.
+/// Some DNS servers and firewalls drop AAAA queries; waiting for the dropped
+/// one would hold every connection for the whole timeout.
 const RESOLUTION_DELAY: Duration = Duration::from_millis(50);
 
-/// The A and AAAA queries at once, as the system resolver asks them. Once
-/// one has addresses, the other gets `RESOLUTION_DELAY` more, and is `None`
+/// Which query of a `family = "any"` resolution went unanswered while the
+/// other's addresses served.
+#[derive(Debug, Clone, Copy)]
+enum Dropped {
+    A,
+    Aaaa,
+}
+
+/// The A and AAAA queries at once, as the system resolver asks them. A is
+/// waited for, since IPv4 addresses come first in the order connections
+/// try them: an AAAA answer that comes first (its record cached, the A
+/// record not) must not make the connection skip the IPv4 servers. Once A
+/// has brought addresses, AAAA gets `RESOLUTION_DELAY` more, and is `None`
 /// if it has not answered by then.
-async fn either_family<F>(a: F, aaaa: F) -> (Option<F::Output>, Option<F::Output>)
+async fn either_family<F>(a: F, aaaa: F) -> (F::Output, Option<F::Output>)
 where
     F: Future<Output = Result<Lookup, NetError>>,
 {
-    let has_addresses = |r: &F::Output| r.as_ref().is_ok_and(|l| addresses(l).next().is_some());
     let (mut a, mut aaaa) = (std::pin::pin!(a), std::pin::pin!(aaaa));
-    let rest = async |other: std::pin::Pin<&mut F>, first_has: bool| {
-        if first_has {
-            tokio::time::timeout(RESOLUTION_DELAY, other).await.ok()
-        } else {
-            Some(other.await)
-        }
-    };
     tokio::select! {
-        r = &mut a => {
-            let other = rest(aaaa, has_addresses(&r)).await;
-            (Some(r), other)
+        r4 = &mut a => {
+            let r6 = if r4.as_ref().is_ok_and(|l| addresses(l).next().is_some()) {
+                tokio::time::timeout(RESOLUTION_DELAY, aaaa).await.ok()
+            } else {
+                Some(aaaa.await)
+            };
+            (r4, r6)
         }
-        r = &mut aaaa => {
-            let other = rest(a, has_addresses(&r)).await;
-            (other, Some(r))
-        }
+        r6 = &mut aaaa => (a.await, Some(r6)),
     }
 }
 

@@ -874,30 +874,65 @@ async fn a_family_whose_query_goes_unanswered_does_not_hold_back_the_other() {
     use std::net::IpAddr;
 
     // Some DNS servers and firewalls drop AAAA queries, and a few drop A.
-    // With the default family both are asked: the answered one must serve
-    // the connection without waiting out the timeout, which would also
-    // throw its answer away.
+    // With the default family both are asked.
     let dns = DnsServer::start().await;
     let v6: IpAddr = "::1".parse().unwrap();
     dns.set("v4.test", Behavior::DropsOtherType(vec![ip(5), ip(6)]));
     dns.set("v6.test", Behavior::DropsOtherType(vec![v6]));
+    let resolver = |timeout| {
+        std::sync::Arc::new(
+            failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+                timeout,
+                ..resolver_config(vec![dns.addr], Family::Any)
+            })
+            .expect("resolver"),
+        )
+    };
+    // AAAA dropped: the A answer serves without waiting out the timeout.
     let timeout = Duration::from_secs(10);
-    let resolver = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-            timeout,
-            ..resolver_config(vec![dns.addr], Family::Any)
-        })
-        .expect("resolver"),
-    );
-    for (alias, want) in [("v4.test", vec![ip(5), ip(6)]), ("v6.test", vec![v6])] {
-        let started = Instant::now();
-        let got = within(alias, resolver.resolve(&Alias::parse(alias).unwrap())).await;
-        assert_eq!(got.result.expect(alias).addrs, want, "{alias}");
-        // Far below the timeout: only a wait for the dropped query could
-        // take this long.
-        let took = started.elapsed();
-        assert!(took < timeout / 4, "{alias} took {took:?}");
+    let r = resolver(timeout);
+    let started = Instant::now();
+    let got = within("v4.test", r.resolve(&Alias::parse("v4.test").unwrap())).await;
+    assert_eq!(got.result.expect("v4.test").addrs, vec![ip(5), ip(6)]);
+    let took = started.elapsed();
+    assert!(took < timeout / 4, "took {took:?}");
+    // A dropped: A is waited for (IPv4 comes first), but its timeout keeps
+    // the AAAA answer instead of failing the whole resolution, every time.
+    let r = resolver(Duration::from_millis(300));
+    for _ in 0..3 {
+        let got = within("v6.test", r.resolve(&Alias::parse("v6.test").unwrap())).await;
+        assert_eq!(got.result.expect("v6.test").addrs, vec![v6]);
     }
+}
+
+#[tokio::test]
+async fn a_slow_a_answer_is_waited_for_since_ipv4_comes_first() {
+    use failover_proxy::config::{Alias, Family};
+    use std::net::IpAddr;
+
+    // The AAAA record cached at the recursive server, the A record not:
+    // AAAA answers first. The connection must still get the IPv4 servers,
+    // first, or a host without IPv6 routes would fail every attempt.
+    let dns = DnsServer::start().await;
+    let v6: IpAddr = "::1".parse().unwrap();
+    dns.set(
+        "slow-a.test",
+        Behavior::Slow(
+            hickory_proto::rr::RecordType::A,
+            Duration::from_millis(200),
+            vec![ip(7), v6],
+        ),
+    );
+    let r = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&resolver_config(vec![dns.addr], Family::Any))
+            .expect("resolver"),
+    );
+    let got = within(
+        "slow-a.test",
+        r.resolve(&Alias::parse("slow-a.test").unwrap()),
+    )
+    .await;
+    assert_eq!(got.result.expect("slow-a.test").addrs, vec![ip(7), v6]);
 }
 
 #[tokio::test]

@@ -45,6 +45,10 @@ pub enum Behavior {
     /// IPv6) and never the other type's: a server or firewall that drops
     /// AAAA (or A) queries.
     DropsOtherType(Vec<IpAddr>),
+    /// Answer with these addresses, but the queries of this type only
+    /// after this long: a record a recursive server has to look up while
+    /// the other type's is in its cache.
+    Slow(RecordType, Duration, Vec<IpAddr>),
     /// Answer with bytes that are not a DNS message.
     Garbage,
     /// Answer with a well-formed message for another query id and name.
@@ -81,7 +85,7 @@ impl DnsServer {
 
     /// A server on `addr`, which may be taken.
     pub async fn start_on(addr: SocketAddr) -> io::Result<DnsServer> {
-        let socket = UdpSocket::bind(addr).await?;
+        let socket = Arc::new(UdpSocket::bind(addr).await?);
         let addr = socket.local_addr()?;
         let zone: Arc<Mutex<HashMap<String, Behavior>>> = Arc::default();
         let queries: Arc<Mutex<u64>> = Arc::default();
@@ -109,6 +113,22 @@ impl DnsServer {
                 let mut resp = reply_to(&req, &query);
                 resp.metadata.authoritative = true;
                 let behavior = match behavior {
+                    Behavior::Slow(rtype, by, ips) => {
+                        add_addresses(&mut resp, query.name(), query.query_type(), &ips, 60);
+                        let delay = if query.query_type() == rtype {
+                            by
+                        } else {
+                            Duration::ZERO
+                        };
+                        let socket = socket.clone();
+                        tokio::spawn(async move {
+                            tokio::time::sleep(delay).await;
+                            if let Ok(bytes) = resp.to_vec() {
+                                let _ = socket.send_to(&bytes, from).await;
+                            }
+                        });
+                        continue;
+                    }
                     Behavior::DropsOtherType(ips) => {
                         let answered = ips.iter().any(|a| match query.query_type() {
                             RecordType::A => a.is_ipv4(),
@@ -131,7 +151,10 @@ impl DnsServer {
                     b => b,
                 };
                 match behavior {
-                    Behavior::Silent | Behavior::Numbered(_) | Behavior::DropsOtherType(_) => {
+                    Behavior::Silent
+                    | Behavior::Numbered(_)
+                    | Behavior::DropsOtherType(_)
+                    | Behavior::Slow(..) => {
                         continue;
                     }
                     Behavior::Garbage => {
