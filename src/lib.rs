@@ -341,17 +341,19 @@ impl Server {
                 .unwrap_or_else(|p| p.into_inner())
                 .resolver
                 .clone();
-            match route.resolve(&resolver, std::time::Instant::now()).await {
+            let first = match route.resolve(&resolver, std::time::Instant::now()).await {
                 Ok(a) => {
                     tracing::info!(route = %route.cfg.name, alias = %route.cfg.alias, source = a.source.as_str(), addrs = ?a.addrs, "alias resolved");
                     route.state.health.track(&a.socket_addrs(route.cfg.port));
+                    Some(a)
                 }
                 Err(e) => {
-                    tracing::warn!(route = %route.cfg.name, alias = %route.cfg.alias, error = %e, "alias does not resolve yet")
+                    tracing::warn!(route = %route.cfg.name, alias = %route.cfg.alias, error = %e, "alias does not resolve yet");
+                    None
                 }
-            }
+            };
             if let Some(interval) = interval {
-                route::probe_loop(route, shared, interval).await;
+                route::probe_loop(route, shared, interval, first).await;
             }
         })
     }

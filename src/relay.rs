@@ -66,7 +66,7 @@ impl End {
 pub struct Counts<'a> {
     pub to_upstream: AtomicU64,
     pub to_client: AtomicU64,
-    meters: Option<&'a [Counter; 2]>,
+    meters: &'a [Counter; 2],
 }
 
 impl<'a> Counts<'a> {
@@ -75,16 +75,7 @@ impl<'a> Counts<'a> {
         Counts {
             to_upstream: AtomicU64::new(0),
             to_client: AtomicU64::new(0),
-            meters: Some(meters),
-        }
-    }
-
-    /// No bytes, for a connection that never reached a server.
-    pub fn none() -> Counts<'static> {
-        Counts {
-            to_upstream: AtomicU64::new(0),
-            to_client: AtomicU64::new(0),
-            meters: None,
+            meters,
         }
     }
 
@@ -95,9 +86,7 @@ impl<'a> Counts<'a> {
             (&self.to_client, 1)
         };
         count.fetch_add(n, Ordering::Relaxed);
-        if let Some(m) = self.meters {
-            m[meter].increment(n);
-        }
+        self.meters[meter].increment(n);
     }
 }
 

@@ -606,12 +606,9 @@ impl Resolver {
             Family::Ipv6 => (None, Some(ask(RecordType::AAAA).await)),
             Family::Any => {
                 let (a, aaaa) = either_family(ask(RecordType::A), ask(RecordType::AAAA)).await;
-                let has = |r: &Result<Lookup, NetError>| {
-                    r.as_ref().is_ok_and(|l| addresses(l).next().is_some())
-                };
                 match &aaaa {
                     None => self.family_given_up(name, Dropped::Aaaa),
-                    Some(r6) if has(r6) && matches!(a, Err(NetError::Timeout)) => {
+                    Some(r6) if has_addresses(r6) && matches!(a, Err(NetError::Timeout)) => {
                         self.family_given_up(name, Dropped::A)
                     }
                     Some(_) => {}
@@ -684,7 +681,7 @@ where
     let (mut a, mut aaaa) = (std::pin::pin!(a), std::pin::pin!(aaaa));
     tokio::select! {
         r4 = &mut a => {
-            let r6 = if r4.as_ref().is_ok_and(|l| addresses(l).next().is_some()) {
+            let r6 = if has_addresses(&r4) {
                 tokio::time::timeout(RESOLUTION_DELAY, aaaa).await.ok()
             } else {
                 Some(aaaa.await)
@@ -693,6 +690,10 @@ where
         }
         r6 = &mut aaaa => (a.await, Some(r6)),
     }
+}
+
+fn has_addresses(r: &Result<Lookup, NetError>) -> bool {
+    r.as_ref().is_ok_and(|l| addresses(l).next().is_some())
 }
 
 /// The A and AAAA records of an answer (a CNAME chain's other records are

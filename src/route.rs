@@ -382,7 +382,7 @@ pub fn serve(
             peer,
             Some(addr),
             &attempts,
-            &counts,
+            Some(&counts),
             arrived,
             Outcome::Relayed(end),
         );
@@ -417,7 +417,7 @@ async fn resolve_and_connect(
                 peer,
                 None,
                 &[],
-                &Counts::none(),
+                None,
                 started,
                 Outcome::ResolveFailed,
             );
@@ -457,7 +457,7 @@ async fn resolve_and_connect(
             peer,
             None,
             &attempts,
-            &Counts::none(),
+            None,
             started,
             Outcome::NoUpstream,
         );
@@ -499,7 +499,7 @@ fn log_end(
     peer: ClientAddr,
     upstream: Option<SocketAddr>,
     attempts: &[Attempt],
-    counts: &Counts<'_>,
+    counts: Option<&Counts<'_>>,
     started: Instant,
     outcome: Outcome,
 ) {
@@ -514,8 +514,8 @@ fn log_end(
         client.addr = %peer.0,
         upstream.addr = upstream.map(tracing::field::display),
         attempts = %AttemptsDisplay(attempts),
-        bytes.to_upstream = counts.to_upstream.load(Ordering::Relaxed),
-        bytes.to_client = counts.to_client.load(Ordering::Relaxed),
+        bytes.to_upstream = counts.map_or(0, |c| c.to_upstream.load(Ordering::Relaxed)),
+        bytes.to_client = counts.map_or(0, |c| c.to_client.load(Ordering::Relaxed)),
         // Whole microseconds over 1000 print as written (`0.098437`);
         // seconds times 1000 carry binary noise (`0.09843700000000001`).
         duration_ms = elapsed.as_micros() as f64 / 1000.0,
@@ -530,16 +530,28 @@ fn log_end(
 ///
 /// `shared` is read afresh each round: a reload replaces the resolver and
 /// the list of the proxy's own listeners without restarting the probes of
-/// a route it leaves unchanged.
-pub async fn probe_loop(route: Arc<Route>, shared: Arc<RwLock<Shared>>, interval: Duration) {
+/// a route it leaves unchanged. `first` is an answer just had (the route's
+/// start-up resolution), which the first round probes instead of asking
+/// again.
+pub async fn probe_loop(
+    route: Arc<Route>,
+    shared: Arc<RwLock<Shared>>,
+    interval: Duration,
+    mut first: Option<Answer>,
+) {
     let cfg = &route.cfg;
     loop {
         let round = Instant::now();
         let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
-        match route
-            .resolve(&shared.resolver, std::time::Instant::now())
-            .await
-        {
+        let answer = match first.take() {
+            Some(a) => Ok(a),
+            None => {
+                route
+                    .resolve(&shared.resolver, std::time::Instant::now())
+                    .await
+            }
+        };
+        match answer {
             Ok(answer) => {
                 let addrs = answer.socket_addrs(cfg.port);
                 route.state.health.track(&addrs);

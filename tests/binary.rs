@@ -40,6 +40,28 @@ fn write_config_admin(
     path
 }
 
+/// A config in `dir` for one route to `cluster.test` on `port`, resolved
+/// by the DNS server at `dns` alone (no hosts file), with `resolver`'s
+/// extra keys; no active health, JSON logs, no admin endpoint.
+fn write_dns_config(
+    dir: &Path,
+    dns: std::net::SocketAddr,
+    port: u16,
+    resolver: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("proxy.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {port}\n\n\
+             [resolver]\nnameservers = [\"{dns}\"]\nhosts_file = \"\"\n{resolver}\n\n\
+             [health]\ninterval = \"0s\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"\"\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
 /// Adds `keys` to the route table of the config file at `cfg`, as written
 /// by [`write_config`].
 fn add_route_keys(cfg: &Path, keys: &str) {
@@ -642,18 +664,7 @@ async fn stale_answers_are_logged_summed_and_the_end_of_the_dns_failure_once() {
     let _b2 = backend_on(std::net::SocketAddr::new(ip(127), b.addr.port()), "b2").await;
     dns.records("cluster.test", &[ip(126)]);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {}\n\n\
-             [resolver]\nnameservers = [\"{}\"]\nhosts_file = \"\"\nfamily = \"ipv4\"\n\n\
-             [health]\ninterval = \"0s\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"\"\n",
-            b.addr.port(),
-            dns.addr
-        ),
-    )
-    .unwrap();
+    let cfg = write_dns_config(dir.path(), dns.addr, b.addr.port(), "family = \"ipv4\"");
     let p = Running::spawn(&cfg);
     let addr = listen_addr(&p.wait_line("\"listening\""));
     // The start-up resolution runs in a task of its own: done before DNS
@@ -722,18 +733,12 @@ async fn a_dns_server_that_drops_aaaa_queries_is_named_once_and_costs_no_timeout
         let b = backend(at, "b").await;
         dns.set("cluster.test", Behavior::DropsOtherType(vec![at]));
         let dir = tempfile::tempdir().unwrap();
-        let cfg = dir.path().join("proxy.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "[[route]]\nlisten = \"127.0.0.1:0\"\nalias = \"cluster.test\"\nport = {}\n\n\
-                 [resolver]\nnameservers = [\"{}\"]\nhosts_file = \"\"\ntimeout = \"{timeout}\"\n\n\
-                 [health]\ninterval = \"0s\"\n\n[log]\nformat = \"json\"\n\n[admin]\nlisten = \"\"\n",
-                b.addr.port(),
-                dns.addr
-            ),
-        )
-        .unwrap();
+        let cfg = write_dns_config(
+            dir.path(),
+            dns.addr,
+            b.addr.port(),
+            &format!("timeout = \"{timeout}\""),
+        );
         let mut p = Running::spawn(&cfg);
         let mut lines = p.lines_until("\"listening\"");
         let addr = listen_addr(lines.last().expect("the line"));
@@ -943,18 +948,11 @@ async fn a_low_soft_open_file_limit_is_raised_and_one_too_low_is_named() {
     add_route_keys(&cfg, "max_connections = 1000");
     // prlimit (util-linux) sets the limits, then runs the proxy in its place.
     let with_limit = |limit: &str| {
-        let proxy = bin();
-        let mut p = std::process::Command::new("prlimit");
-        p.arg(format!("--nofile={limit}"))
-            .arg(proxy.get_program())
-            .arg("--config")
-            .arg(&cfg)
-            .stdin(std::process::Stdio::null());
-        // What bin() keeps out of the proxy's environment.
-        for (k, _) in proxy.get_envs() {
-            p.env_remove(k);
-        }
-        Running::spawn_with(&mut p)
+        Running::spawn_with(
+            bin_via("prlimit", &[&format!("--nofile={limit}")])
+                .arg("--config")
+                .arg(&cfg),
+        )
     };
 
     // A soft limit of 256 under a hard one of 4,096: raised, and enough for
@@ -1033,7 +1031,6 @@ async fn a_port_below_the_unprivileged_start_is_refused_with_the_way_out() {
         ),
     )
     .unwrap();
-    let proxy = bin();
     // Root binds any port: run it without the capability (setpriv, from
     // util-linux, takes it out of the bounding set for the exec).
     let root = std::fs::read_to_string("/proc/self/status")
@@ -1041,16 +1038,10 @@ async fn a_port_below_the_unprivileged_start_is_refused_with_the_way_out() {
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
     let mut cmd = if root {
-        let mut c = std::process::Command::new("setpriv");
-        c.args(["--bounding-set", "-net_bind_service"])
-            .arg(proxy.get_program());
-        c
+        bin_via("setpriv", &["--bounding-set", "-net_bind_service"])
     } else {
-        std::process::Command::new(proxy.get_program())
+        bin()
     };
-    for (k, _) in proxy.get_envs() {
-        cmd.env_remove(k);
-    }
     let out = cmd.arg("-c").arg(&cfg).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");

@@ -673,3 +673,39 @@ async fn active_health_asks_the_dns_servers_of_the_last_reload() {
     })
     .await;
 }
+
+/// The start-up resolution's answer is what the first round of probes
+/// probes: asking DNS again at once would double every route's queries at
+/// each start and reload.
+#[tokio::test]
+async fn the_first_probes_use_the_start_up_answer() {
+    let dns = DnsServer::start().await;
+    let b = backend(ip(145), "b145").await;
+    dns.records("first-probe.test", &[ip(145)]);
+    let proxy = start(config(&format!(
+        "[[route]]\nname = \"first-probe\"\nlisten = \"127.0.0.146:0\"\nalias = \"first-probe.test\"\nport = {}\n\
+         [health]\ninterval = \"1h\"\n[resolver]\n{}family = \"ipv4\"\n",
+        b.addr.port(),
+        resolver_toml(dns.addr, None)
+    )));
+    let admin = proxy.admin.expect("admin endpoint");
+    let address = b.addr.to_string();
+    eventually("the first round's probe counted", || async {
+        let s = scrape(admin).await;
+        sample(
+            &s,
+            "failover_proxy_health_probes_total",
+            &[
+                ("route", "first-probe"),
+                ("address", &address),
+                ("result", "ok"),
+            ],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(
+        dns.queries(),
+        1,
+        "one query for the start-up and the first probes"
+    );
+}

@@ -600,6 +600,18 @@ pub fn bin() -> Command {
     c
 }
 
+/// [`bin`] run through `wrapper` (prlimit, setpriv), which execs it in its
+/// place after `args`, with the same variables kept out of its environment.
+pub fn bin_via(wrapper: &str, args: &[&str]) -> Command {
+    let proxy = bin();
+    let mut c = Command::new(wrapper);
+    c.args(args).arg(proxy.get_program()).stdin(Stdio::null());
+    for (k, _) in proxy.get_envs() {
+        c.env_remove(k);
+    }
+    c
+}
+
 pub struct Running {
     pub child: Child,
     pub lines: std_mpsc::Receiver<String>,
