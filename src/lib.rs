@@ -104,26 +104,94 @@ pub struct Server {
     /// The metrics recorder's handle, for its upkeep whether or not the
     /// admin endpoint serves it.
     metrics: metrics_exporter_prometheus::PrometheusHandle,
-    /// Sockets from systemd not claimed by a route yet: a reload that adds
-    /// a route on one of their addresses takes it.
-    inherited: Vec<(SocketAddr, std::net::TcpListener)>,
+    passed: Passed,
+}
+
+/// The listening sockets systemd passed (socket activation).
+///
+/// systemd keeps its own copy of each for as long as the socket unit runs,
+/// so closing the proxy's does not close the socket: the kernel goes on
+/// completing clients' handshakes, and with nothing accepting, each client
+/// would wait for an answer that never comes. So a copy of each is kept
+/// here for the process's life (a route removed by one reload and added
+/// back by another takes it again, where binding the address would fail
+/// with "address in use"), and a socket that no route serves is parked:
+/// its connections are reset at once, as a port with no server refuses.
+#[derive(Default)]
+struct Passed {
+    sockets: Vec<(SocketAddr, std::net::TcpListener)>,
+    parked: HashMap<SocketAddr, (watch::Sender<bool>, JoinHandle<()>)>,
+}
+
+impl Passed {
+    /// A descriptor of the socket systemd passed for `addr`, if it did,
+    /// ready for tokio (systemd passes blocking sockets).
+    fn take(&self, addr: SocketAddr) -> Option<io::Result<std::net::TcpListener>> {
+        let (_, l) = self.sockets.iter().find(|(a, _)| *a == addr)?;
+        Some(l.try_clone().and_then(|l| {
+            l.set_nonblocking(true)?;
+            Ok(l)
+        }))
+    }
+
+    /// Starts resetting the connections to `addr`'s socket, if systemd
+    /// passed one: no route serves it now.
+    fn park(&mut self, addr: SocketAddr) {
+        if self.parked.contains_key(&addr) {
+            return;
+        }
+        let Some(l) = self.take(addr) else { return };
+        match l.and_then(TcpListener::from_std) {
+            Ok(l) => {
+                tracing::warn!(
+                    listen = %addr,
+                    "systemd passed a socket that no route listens on: its connections are \
+                     reset; add a route with this listen, or remove its ListenStream= from \
+                     the socket unit"
+                );
+                let (stop, stop_rx) = watch::channel(false);
+                let task = tokio::spawn(listener::park(l, stop_rx));
+                self.parked.insert(addr, (stop, task));
+            }
+            Err(e) => {
+                tracing::error!(listen = %addr, error = %e, "cannot park the socket systemd passed; its clients wait unanswered");
+            }
+        }
+    }
+
+    /// Stops resetting `addr`'s connections: a route serves it again. Once
+    /// this returns, nothing else accepts on it.
+    async fn unpark(&mut self, addr: SocketAddr) {
+        if let Some((stop, task)) = self.parked.remove(&addr) {
+            let _ = stop.send(true);
+            let _ = task.await;
+        }
+    }
+
+    /// Stops every parked socket, at shutdown: their clients then wait in
+    /// the queue for the next instance, as a route's do.
+    async fn unpark_all(&mut self) {
+        let addrs: Vec<SocketAddr> = self.parked.keys().copied().collect();
+        for addr in addrs {
+            self.unpark(addr).await;
+        }
+    }
 }
 
 /// A route's listener (taken from systemd's when the address matches) and
 /// the address it is bound to (the real port when `listen` asked for 0).
 fn bind_route(
     rc: &config::RouteConfig,
-    inherited: &mut Vec<(SocketAddr, std::net::TcpListener)>,
+    passed: &Passed,
 ) -> Result<(TcpListener, SocketAddr), StartError> {
     let err = |source| StartError::Bind {
         route: rc.name.clone(),
         addr: rc.listen,
         source,
     };
-    let listener = match inherited.iter().position(|(a, _)| *a == rc.listen) {
-        Some(i) => {
-            let (_, l) = inherited.swap_remove(i);
-            l.set_nonblocking(true).map_err(err)?;
+    let listener = match passed.take(rc.listen) {
+        Some(l) => {
+            let l = l.map_err(err)?;
             // Inherited by every accepted socket (see listener::bind).
             socket2::SockRef::from(&l)
                 .set_tcp_nodelay(true)
@@ -146,11 +214,14 @@ impl Server {
         limits::warn_if_short(&config.routes);
         let handle = metrics::install()?;
         let resolver = Arc::new(Resolver::new(&config.resolver)?);
-        let mut inherited = service::inherited_listeners();
+        let passed = Passed {
+            sockets: service::inherited_listeners(),
+            parked: HashMap::new(),
+        };
         let mut pending = Vec::with_capacity(config.routes.len());
         let mut own = Vec::with_capacity(config.routes.len());
         for rc in &config.routes {
-            let (listener, bound) = bind_route(rc, &mut inherited)?;
+            let (listener, bound) = bind_route(rc, &passed)?;
             own.push(bound);
             let mut rc = rc.clone();
             rc.listen = bound;
@@ -162,8 +233,11 @@ impl Server {
         let (admin_listener, admin) = match config.admin.listen {
             None => (None, None),
             Some(addr) => {
-                let l = listener::bind(addr)
-                    .map_err(|source| StartError::AdminBind { addr, source })?;
+                let l = match passed.take(addr) {
+                    Some(l) => l.and_then(TcpListener::from_std),
+                    None => listener::bind(addr),
+                }
+                .map_err(|source| StartError::AdminBind { addr, source })?;
                 let state = Arc::new(admin::AdminState {
                     metrics: handle.clone(),
                     routes: RwLock::new(Vec::new()),
@@ -182,7 +256,7 @@ impl Server {
             admin_listener,
             admin,
             metrics: handle,
-            inherited,
+            passed,
         })
     }
 
@@ -237,6 +311,21 @@ impl Server {
                 admin_stop_rx,
             ));
         }
+        let served: Vec<SocketAddr> = order
+            .iter()
+            .copied()
+            .chain(self.config.admin.listen)
+            .collect();
+        let idle: Vec<SocketAddr> = self
+            .passed
+            .sockets
+            .iter()
+            .map(|(a, _)| *a)
+            .filter(|a| !served.contains(a))
+            .collect();
+        for addr in idle {
+            self.passed.park(addr);
+        }
         service::ready();
         let watchdog = service::spawn_watchdog();
 
@@ -255,6 +344,7 @@ impl Server {
         for (_, slot) in slots {
             let _ = slot.accept.await;
         }
+        self.passed.unpark_all().await;
         let _ = admin_stop.send(true);
         if let Some(w) = watchdog {
             w.abort();
@@ -394,7 +484,7 @@ impl Server {
             .iter()
             .filter(|rc| !slots.contains_key(&rc.listen))
         {
-            match bind_route(rc, &mut self.inherited) {
+            match bind_route(rc, &self.passed) {
                 Ok((l, bound)) => fresh.push((rc.clone(), l, bound)),
                 Err(e) => {
                     tracing::error!(error = %error_chain(&e), "reload: keeping the running configuration");
@@ -417,14 +507,15 @@ impl Server {
                 tracing::info!(listen = %addr, "reload: route removed; its open connections drain");
                 let _ = slot.stop.send(true);
                 slot.probes.abort();
-                removed.push(slot.accept);
+                removed.push((*addr, slot.accept));
             }
         }
         // The listener closes when its accept loop ends: wait for that, so
         // a completed reload (and the READY=1 after it) means the removed
         // routes refuse connections.
-        for accept in removed {
+        for (addr, accept) in removed {
             let _ = accept.await;
+            self.passed.park(addr);
         }
         let mut own: Vec<SocketAddr> = Vec::new();
         for rc in &new.routes {
@@ -445,6 +536,7 @@ impl Server {
         }
         for (mut rc, l, bound) in fresh {
             let configured = rc.listen;
+            self.passed.unpark(configured).await;
             rc.listen = bound;
             own.push(bound);
             let route = Arc::new(Route::new(rc, new.health.clone(), None));

@@ -244,6 +244,39 @@ pub async fn accept_loop(
     tracing::info!(listen = %listen, "listener closed");
 }
 
+/// Resets every connection to `listener` until `stop` turns true: for a
+/// socket systemd passed that no route serves. systemd holds its own copy
+/// of the socket, so the kernel would complete each client's handshake and
+/// the client would then wait for an answer that never comes; a reset is
+/// what a port with no server gives.
+pub async fn park(listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let listen = listener.local_addr().ok();
+    let mut backoff = ACCEPT_BACKOFF_MIN;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stopped(&mut stop) => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff = ACCEPT_BACKOFF_MIN;
+                let _ = stream.set_zero_linger();
+                tracing::debug!(listen = ?listen, client.addr = %peer, "connection reset: no route listens here");
+            }
+            Err(e) if is_per_connection(&e) => {}
+            Err(e) => {
+                tracing::warn!(listen = ?listen, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::select! {
+                    _ = stopped(&mut stop) => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+        }
+    }
+}
+
 /// One summary line for the connections reset over the limit since the
 /// last one.
 fn log_rejected(route: &Route, rejected: &mut u64) {

@@ -220,53 +220,180 @@ async fn sd_notify_says_ready_reloading_and_stopping_at_the_right_moments() {
     assert_eq!(p.wait_exit(), 0);
 }
 
+/// The binary run by systemd-socket-activate on a free port of each of
+/// `ips`, started by a first connection to the first, whose backend
+/// answers `first_id`; `cfg(addrs)` writes the config for the chosen
+/// addresses. With `holder`, a second process keeps copies of the sockets
+/// for as long as the proxy runs, as systemd does: closing the proxy's
+/// copy then does not close a socket. None when the tool could not bind
+/// the ports (another process took one between the probe and the bind).
+async fn activated(
+    ips: &[u8],
+    holder: bool,
+    first_id: &str,
+    cfg: impl Fn(&[SocketAddr]) -> std::path::PathBuf,
+) -> Option<(Running, Vec<SocketAddr>)> {
+    let addrs: Vec<SocketAddr> = ips
+        .iter()
+        .map(|&i| {
+            std::net::TcpListener::bind((ip(i), 0))
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        })
+        .collect();
+    let cfg = cfg(&addrs);
+    let mut cmd = std::process::Command::new("systemd-socket-activate");
+    for a in &addrs {
+        cmd.arg("-l").arg(a.to_string());
+    }
+    if holder {
+        // `tail --pid` ends with the proxy (exec keeps the shell's pid,
+        // which LISTEN_PID names), and holds the passed descriptors till
+        // then.
+        cmd.args([
+            "sh",
+            "-c",
+            "tail --pid=$$ -f /dev/null </dev/null >/dev/null 2>&1 & exec \"$0\" -c \"$1\"",
+        ]);
+    }
+    cmd.arg(BIN);
+    if !holder {
+        cmd.arg("-c");
+    }
+    cmd.arg(&cfg);
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("FAILOVER_PROXY_") {
+            cmd.env_remove(k);
+        }
+    }
+    let p = Running::spawn_with(&mut cmd);
+    for _ in &addrs {
+        // "Listening on ADDR as FD." or "Failed to listen on ADDR: ...".
+        if !p.wait_line("isten").starts_with("Listening on") {
+            return None;
+        }
+    }
+    // The proxy starts on the first connection, and must take that very
+    // socket: binding its own would fail with "address in use".
+    let (id, _) = within("the first connection", served_by(addrs[0]))
+        .await
+        .expect("served");
+    assert_eq!(id, first_id);
+    Some((p, addrs))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_passed_by_systemd_are_taken_by_address_and_one_no_route_serves_refuses() {
+    let bk = backend(ip(147), "pa").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.147 pa.test\n").unwrap();
+    let write = |a: &[SocketAddr]| {
+        let cfg = dir.path().join("proxy.toml");
+        let admin = format!("[admin]\nlisten = \"{}\"", a[2]);
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}{}",
+                route("pa", &a[0].to_string(), "pa.test", bk.addr.port()),
+                tail(&hosts).replace("[admin]\nlisten = \"\"", &admin)
+            ),
+        )
+        .unwrap();
+        cfg
+    };
+    let (p, addrs) = loop {
+        if let Some(started) = activated(&[148, 149, 150], true, "pa", write).await {
+            break started;
+        }
+    };
+    // The admin endpoint takes its socket too: binding its own would fail.
+    assert_eq!(http_get(addrs[2], "/healthz").await.0, 200);
+    // systemd keeps listening on the second address whatever the proxy
+    // does: a client there must be refused, not left waiting for good.
+    let warned = p.wait_line("no route listens on");
+    assert!(warned.contains(&addrs[1].to_string()), "{warned}");
+    assert_reset(addrs[1]).await;
+    assert_eq!(id_via(addrs[0]).await, "pa");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_on_a_socket_from_systemd_refuses_once_removed_and_can_come_back() {
+    let bk = backend(ip(151), "rb").await;
+    let other = backend(ip(152), "other").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.151 rb.test\n127.0.0.152 other.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let with = |a: SocketAddr| {
+        format!(
+            "{}{}",
+            route("rb", &a.to_string(), "rb.test", bk.addr.port()),
+            tail(&hosts)
+        )
+    };
+    let (p, addrs) = loop {
+        let write = |a: &[SocketAddr]| {
+            std::fs::write(&cfg, with(a[0])).unwrap();
+            cfg.clone()
+        };
+        if let Some(started) = activated(&[153], true, "rb", write).await {
+            break started;
+        }
+    };
+    let a = addrs[0];
+
+    // Removed: systemd still listens there, so a client must be refused
+    // rather than handed a connection that nothing answers.
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{}",
+            route("other", "127.0.0.154:0", "other.test", other.addr.port()),
+            tail(&hosts)
+        ),
+    )
+    .unwrap();
+    p.signal("HUP");
+    p.wait_line("configuration reloaded");
+    assert_reset(a).await;
+
+    // Added back: the route takes systemd's socket again, where binding
+    // the address itself would fail, since systemd's socket holds it.
+    std::fs::write(&cfg, with(a)).unwrap();
+    p.signal("HUP");
+    let reload = p.lines_until("configuration reloaded");
+    assert!(
+        !reload.iter().any(|l| l.contains("keeping the running")),
+        "{reload:?}"
+    );
+    assert_eq!(id_via(a).await, "rb");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn socket_activation_serves_on_the_inherited_socket() {
     let bk = backend(ip(89), "sa").await;
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.89 sa.test\n").unwrap();
-    // systemd-socket-activate binds the address itself; it needs a port
-    // known in advance. A port freed just before can be taken by another
-    // process in between: then the tool fails to start and we retry.
-    for _ in 0..5 {
-        let port = std::net::TcpListener::bind("127.0.0.90:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let listen = format!("127.0.0.90:{port}");
+    let write = |a: &[SocketAddr]| {
         let cfg = dir.path().join("proxy.toml");
-        std::fs::write(
-            &cfg,
-            format!(
-                "{}{}",
-                route("sa", &listen, "sa.test", bk.addr.port()),
-                tail(&hosts)
-            ),
-        )
-        .unwrap();
-        let mut cmd = std::process::Command::new("systemd-socket-activate");
-        cmd.arg("-l").arg(&listen).arg(BIN).arg("-c").arg(&cfg);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("FAILOVER_PROXY_") {
-                cmd.env_remove(k);
-            }
+        let text = format!(
+            "{}{}",
+            route("sa", &a[0].to_string(), "sa.test", bk.addr.port()),
+            tail(&hosts)
+        );
+        std::fs::write(&cfg, text).unwrap();
+        cfg
+    };
+    let (p, addrs) = loop {
+        if let Some(started) = activated(&[90], false, "sa", write).await {
+            break started;
         }
-        let p = Running::spawn_with(&mut cmd);
-        let line = p.wait_line("Listening on");
-        if !line.contains(&listen) {
-            continue;
-        }
-        // The proxy starts on the first connection and must take that very
-        // socket: binding its own would fail with "address in use".
-        let addr: SocketAddr = listen.parse().unwrap();
-        assert_eq!(id_via(addr).await, "sa");
-        p.wait_line("using the socket passed by systemd");
-        assert_eq!(id_via(addr).await, "sa");
-        return;
-    }
-    panic!("could not start systemd-socket-activate on a free port");
+    };
+    p.wait_line("using the socket passed by systemd");
+    assert_eq!(id_via(addrs[0]).await, "sa");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
