@@ -405,8 +405,9 @@ async fn pump(
                 }
             }
         }
-        // A pipe that cannot be had (descriptors exhausted) leaves the rest
-        // of the burst to the copy path above.
+        // A pipe that cannot be had (descriptors exhausted, or the kernel
+        // giving only small pipes) leaves the rest of the burst to the copy
+        // path above.
         if bulk && let Ok(pipe) = splice::Pipe::take() {
             // Boxed: a bulk burst is rare and long, and its state would
             // otherwise be in every connection's task for all its life.
@@ -479,7 +480,7 @@ async fn pass_eof(dst: &mut WriteHalf<'_>, other_finished: &AtomicBool) -> io::R
 
 /// Relay buffers, reused per thread instead of allocated (and zeroed) per
 /// burst of data. A connection holds one only while data is in flight.
-mod pool {
+pub(crate) mod pool {
     use std::cell::RefCell;
     use std::ops::{Deref, DerefMut};
 

@@ -206,7 +206,7 @@ def query_a(port, name):
 
 class Proxy:
     def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", dns_port=None,
-                 dns_ports=None):
+                 dns_ports=None, uid=None):
         self.port = free_port()
         self.admin = free_port()
         self.cfg = tmp / f"proxy-{self.port}.toml"
@@ -238,7 +238,17 @@ listen = "127.0.0.1:{self.admin}"
 level = "warn"
 """)
         self.log = open(tmp / f"proxy-{self.port}.log", "w")
-        self.proc = subprocess.Popen([str(BIN), "-c", str(self.cfg)], stdout=self.log, stderr=self.log)
+        binary, who = BIN, {}
+        if uid is not None:
+            # Run as that user: a copy of the binary and a config it can
+            # read, wherever the checkout is.
+            binary = tmp / "failover-proxy"
+            shutil.copy(BIN, binary)
+            for path, mode in ((tmp, 0o755), (binary, 0o755), (self.cfg, 0o644)):
+                path.chmod(mode)
+            who = {"user": uid, "group": uid, "extra_groups": []}
+        self.proc = subprocess.Popen([str(binary), "-c", str(self.cfg)], stdout=self.log,
+                                     stderr=self.log, **who)
         eventually("proxy listening", lambda: can_connect(self.port))
 
     def metric(self, name, **labels):
@@ -731,6 +741,48 @@ def fd_exhaustion(tmp, dns):
         a.stop()
 
 
+def small_pipes(tmp, dns):
+    """The kernel gives only small pipes: bulk transfers take the copy path,
+    intact, and the WARN says why, once.
+
+    A user that is not root gets two-page pipes once its pipes hold
+    fs.pipe-user-pages-soft pages (shared by every process of that uid).
+    Splicing through them moved half of what the copy path does."""
+    knob = Path("/proc/sys/fs/pipe-user-pages-soft")
+    before = knob.read_text()
+    a = Backend(A, SERVER_PORT, "a")
+    dns.set(f"{A} cluster.test\n")
+    knob.write_text("1\n")
+    p = None
+    try:
+        p = Proxy(tmp, dns, uid=65534)
+        log = tmp / f"proxy-{p.port}.log"
+        with open(f"/proc/{p.proc.pid}/status") as f:
+            uid = next(line.split()[1] for line in f if line.startswith("Uid:"))
+        assert uid == "65534", f"proxy runs as uid {uid}"
+        payload = random.Random(7).randbytes(8 << 20)
+        for _ in range(2):
+            name, s = served_by(p.port, timeout=HANG)
+            assert name == "a", name
+            threading.Thread(target=send_and_finish, args=(s, payload), daemon=True).start()
+            got = bytearray()
+            while True:
+                d = s.recv(1 << 20)
+                if not d:
+                    break
+                got += d
+            s.close()
+            assert len(got) == len(payload) and zlib.crc32(got) == zlib.crc32(payload), \
+                f"{len(got)} bytes back of {len(payload)}"
+        warned = log.read_text().count("the kernel gives only small pipes")
+        assert warned == 1, f"small-pipe WARN logged {warned} times"
+    finally:
+        knob.write_text(before)
+        if p:
+            p.stop()
+        a.stop()
+
+
 def set_nofile(pid, n):
     """Sets the soft RLIMIT_NOFILE of the running process `pid` (prlimit,
     util-linux; raising it back needs no privilege, as the hard limit
@@ -822,6 +874,7 @@ SCENARIOS = [
     hosts_file_rewrites,
     held_connections,
     fd_exhaustion,
+    small_pipes,
     churn_soak,
 ]
 
