@@ -67,24 +67,70 @@ pub struct RouteState {
     /// The last answer: `Some` with no address after NXDOMAIN or an empty
     /// answer; unchanged by a DNS failure.
     pub answer: Mutex<Option<Answer>>,
-    /// What the log has said of stale answers.
-    stale_log: Mutex<StaleLog>,
-    /// Whether a stale answer has been logged and DNS not heard since: the
-    /// usual resolution checks this, not the lock.
-    stale_logged: AtomicBool,
+    /// Stale answers given (while DNS fails they are given at once).
+    stale_log: Summed,
+    /// Connections reset because the alias did not resolve.
+    unresolved_log: Summed,
+    /// Connections reset because no address connected.
+    unreachable_log: Summed,
 }
 
-/// Stale answers are logged summed, one line a second at most, and once
-/// more when DNS answers again: while DNS fails they are given at once, so
-/// a line each would be a line per connection.
+/// Events that can come once per connection are logged summed: a client
+/// that reconnects at once after each reset, through an outage of the
+/// whole cluster, would otherwise write a WARN line per connection,
+/// thousands a second (11,040 in 2 s, measured), which fills disks and
+/// trips journald's rate limit, which then drops the lines that matter.
+/// The first event of an episode is logged at once, then one line a second
+/// at most with the count since the last, and one more when the episode
+/// ends, with those not logged yet.
 #[derive(Debug, Default)]
-struct StaleLog {
-    /// Stale answers given since the last line.
+struct Summed {
+    state: Mutex<SummedState>,
+    /// An episode is open: the usual path checks this, not the lock.
+    open: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct SummedState {
+    /// Events since the last line.
     unlogged: u64,
     last_line: Option<std::time::Instant>,
 }
 
-const STALE_LOG_INTERVAL: Duration = Duration::from_secs(1);
+const SUMMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+impl Summed {
+    /// Counts one event: `Some(n)` when a line is due now, for `n` events
+    /// (this one and those since the last line).
+    fn count(&self) -> Option<u64> {
+        let mut st = lock(&self.state);
+        st.unlogged += 1;
+        if st
+            .last_line
+            .is_some_and(|t| t.elapsed() < SUMMED_LOG_INTERVAL)
+        {
+            return None;
+        }
+        self.open.store(true, Ordering::Relaxed);
+        st.last_line = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut st.unlogged))
+    }
+
+    /// Ends an episode: `Some(n)` when one was open, `n` events not logged
+    /// yet.
+    fn end(&self) -> Option<u64> {
+        if !self.open.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut st = lock(&self.state);
+        if !self.open.swap(false, Ordering::Relaxed) {
+            return None;
+        }
+        let n = st.unlogged;
+        *st = SummedState::default();
+        Some(n)
+    }
+}
 
 #[derive(Debug)]
 pub struct Route {
@@ -115,8 +161,9 @@ impl Route {
                 metrics: RouteMetrics::new(&cfg.name),
                 active: AtomicUsize::new(0),
                 answer: Mutex::new(None),
-                stale_log: Mutex::new(StaleLog::default()),
-                stale_logged: AtomicBool::new(false),
+                stale_log: Summed::default(),
+                unresolved_log: Summed::default(),
+                unreachable_log: Summed::default(),
             }),
         };
         let limit = match previous {
@@ -149,38 +196,25 @@ impl Route {
         m.resolved(r.via, r.elapsed, error);
         if let Some(e) = &r.stale_because {
             m.stale.increment(1);
-            let mut log = lock(&self.state.stale_log);
-            log.unlogged += 1;
-            if log
-                .last_line
-                .is_none_or(|t| t.elapsed() >= STALE_LOG_INTERVAL)
-            {
+            if let Some(n) = self.state.stale_log.count() {
                 tracing::warn!(
                     route = %self.cfg.name,
                     alias = %self.cfg.alias,
                     error = %e,
-                    stale_answers = log.unlogged,
+                    stale_answers = n,
                     "dns failed; using the last good answer"
                 );
-                log.unlogged = 0;
-                log.last_line = Some(std::time::Instant::now());
-                self.state.stale_logged.store(true, Ordering::Relaxed);
             }
         } else if r.via == Source::Dns
-            && self.state.stale_logged.load(Ordering::Relaxed)
             && !matches!(&r.result, Err(e) if e.kind().is_failure())
+            && let Some(n) = self.state.stale_log.end()
         {
-            let mut log = lock(&self.state.stale_log);
-            if log.last_line.is_some() {
-                tracing::info!(
-                    route = %self.cfg.name,
-                    alias = %self.cfg.alias,
-                    stale_answers = log.unlogged,
-                    "dns answers again"
-                );
-                *log = StaleLog::default();
-                self.state.stale_logged.store(false, Ordering::Relaxed);
-            }
+            tracing::info!(
+                route = %self.cfg.name,
+                alias = %self.cfg.alias,
+                stale_answers = n,
+                "dns answers again"
+            );
         }
         match &r.result {
             Ok(a) => {
@@ -401,16 +435,24 @@ async fn resolve_and_connect(
     let cfg = &route.cfg;
     let st = &route.state;
     let answer = match route.resolve(&shared.resolver, started.into_std()).await {
-        Ok(a) => a,
+        Ok(a) => {
+            if let Some(n) = st.unresolved_log.end() {
+                tracing::info!(route = %cfg.name, alias = %cfg.alias, resets = n, "alias resolves again");
+            }
+            a
+        }
         Err(e) => {
-            tracing::warn!(
-                route = %cfg.name,
-                client.addr = %peer.0,
-                alias = %cfg.alias,
-                error = %e,
-                error.kind = e.kind().as_str(),
-                "connection reset: alias did not resolve"
-            );
+            if let Some(n) = st.unresolved_log.count() {
+                tracing::warn!(
+                    route = %cfg.name,
+                    client.addr = %peer.0,
+                    alias = %cfg.alias,
+                    error = %e,
+                    error.kind = e.kind().as_str(),
+                    resets = n,
+                    "connection reset: alias did not resolve"
+                );
+            }
             st.metrics.failed(FailReason::Resolve);
             log_end(
                 route,
@@ -445,12 +487,15 @@ async fn resolve_and_connect(
     }
 
     let Some((upstream, addr)) = connected else {
-        tracing::warn!(
-            route = %cfg.name,
-            client.addr = %peer.0,
-            attempts = %AttemptsDisplay(&attempts),
-            "connection reset: no server reachable"
-        );
+        if let Some(n) = st.unreachable_log.count() {
+            tracing::warn!(
+                route = %cfg.name,
+                client.addr = %peer.0,
+                attempts = %AttemptsDisplay(&attempts),
+                resets = n,
+                "connection reset: no server reachable"
+            );
+        }
         st.metrics.failed(FailReason::Connect);
         log_end(
             route,
@@ -463,6 +508,9 @@ async fn resolve_and_connect(
         );
         return None;
     };
+    if let Some(n) = st.unreachable_log.end() {
+        tracing::info!(route = %cfg.name, upstream.addr = %addr, resets = n, "a server is reachable again");
+    }
     st.metrics
         .connect_duration
         .record(started.elapsed().as_secs_f64());

@@ -1055,3 +1055,73 @@ async fn a_port_below_the_unprivileged_start_is_refused_with_the_way_out() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
+    // A client that reconnects at once after each reset, through an outage
+    // of the whole cluster, would get a WARN line per connection. They are
+    // summed instead: at most one line a second per kind, each with the
+    // resets since the last, and one line when the outage ends with the
+    // rest, so that every reset is counted once.
+    const N: u64 = 40;
+    let dns = DnsServer::start().await;
+    dns.set("cluster.test", Behavior::NxDomain);
+    let (server, at) = refusing(ip(155));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_dns_config(dir.path(), dns.addr, at.port(), "");
+    let mut p = Running::spawn(&cfg);
+    let mut lines = p.lines_until("\"listening\"");
+    let addr = listen_addr(lines.last().expect("the line"));
+    lines.extend(p.lines_until("alias does not resolve yet"));
+
+    let started = std::time::Instant::now();
+    for _ in 0..N {
+        assert_reset(addr).await;
+    }
+    dns.set("cluster.test", Behavior::Records(vec![at.ip()], 0));
+    for _ in 0..N {
+        assert_reset(addr).await;
+    }
+    let secs = started.elapsed().as_secs_f64().ceil() as usize;
+    let b = serve_backend(server.listen(16).unwrap(), "back");
+    assert_eq!(id_via(addr).await, "back");
+    p.signal("TERM");
+    lines.extend(p.lines_until("\"stopped\""));
+    assert_eq!(p.wait_exit(), 0);
+    drop(b);
+
+    for (warn, end) in [
+        (
+            "connection reset: alias did not resolve",
+            "alias resolves again",
+        ),
+        (
+            "connection reset: no server reachable",
+            "a server is reachable again",
+        ),
+    ] {
+        let resets = |needle: &str, level: &str| -> Vec<u64> {
+            lines
+                .iter()
+                .filter(|l| l.contains(needle))
+                .map(|l| log_fields(l))
+                .inspect(|(lv, _)| assert_eq!(lv, level, "{needle}"))
+                .map(|(_, f)| f["resets"].as_u64().expect("resets field"))
+                .collect()
+        };
+        let warned = resets(warn, "WARN");
+        let ended = resets(end, "INFO");
+        assert!(
+            !warned.is_empty() && warned.len() <= secs + 1,
+            "{} {warn:?} lines for {N} resets in {secs} s",
+            warned.len()
+        );
+        assert_eq!(warned[0], 1, "the first reset is logged at once");
+        assert_eq!(ended.len(), 1, "{end:?}: {lines:#?}");
+        assert_eq!(
+            warned.iter().sum::<u64>() + ended[0],
+            N,
+            "{warn:?} {warned:?}, {end:?} {ended:?}"
+        );
+    }
+}
