@@ -1,7 +1,8 @@
 //! The admin HTTP endpoint: `/metrics`, `/healthz`, `/readyz`, `/status`.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
@@ -14,7 +15,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::listener::Current;
 use crate::route::{OwnListeners, Route};
@@ -47,7 +48,11 @@ impl AdminState {
 /// hostile local client must not be able to hold them.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections open at once; more are closed as soon as accepted.
+    /// Connections open at once. At the cap a new connection closes the
+    /// oldest: were the new one closed instead, a client holding the cap's
+    /// worth of silent connections (reopening each as the idle timer ends
+    /// it) would shut out every scrape and probe, and a liveness probe that
+    /// fails gets the proxy restarted, its clients cut.
     pub max_connections: usize,
     /// A connection that has not sent a whole request head this long after
     /// it opened, or after its last response, is closed.
@@ -73,7 +78,7 @@ pub async fn serve(
     limits: Limits,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(Mutex::new(Open::default()));
     loop {
         let (stream, _) = tokio::select! {
             biased;
@@ -89,30 +94,63 @@ pub async fn serve(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!(
-                max = limits.max_connections,
-                "admin: too many connections; closing a new one"
-            );
-            continue;
-        };
+        let (id, evict) = lock(&open).admit(limits.max_connections);
         let state = state.clone();
+        let open = open.clone();
         tokio::spawn(async move {
-            let _slot = slot;
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, &req)) }
             });
-            if let Err(e) = http1::Builder::new()
+            let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.idle)
-                .serve_connection(TokioIo::new(stream), svc)
-                .await
-            {
-                tracing::debug!(error = %e, "admin: connection error");
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::select! {
+                r = conn => if let Err(e) = r {
+                    tracing::debug!(error = %e, "admin: connection error");
+                },
+                _ = evict => tracing::debug!(
+                    max = limits.max_connections,
+                    "admin: at the connection cap; closing the oldest"
+                ),
             }
+            lock(&open).remove(id);
         });
     }
+}
+
+/// The endpoint's open connections, oldest first, each with the sender
+/// that closes it.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: VecDeque<(u64, oneshot::Sender<()>)>,
+}
+
+impl Open {
+    /// Takes a new connection in, closing the oldest when `max` are open:
+    /// its id, and what tells its task to close it.
+    fn admit(&mut self, max: usize) -> (u64, oneshot::Receiver<()>) {
+        while self.conns.len() >= max.max(1) {
+            if let Some((_, close)) = self.conns.pop_front() {
+                let _ = close.send(());
+            }
+        }
+        let id = self.next;
+        self.next += 1;
+        let (close, closed) = oneshot::channel();
+        self.conns.push_back((id, close));
+        (id, closed)
+    }
+
+    fn remove(&mut self, id: u64) {
+        self.conns.retain(|(i, _)| *i != id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn text(
@@ -301,30 +339,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connections_past_the_cap_are_closed_and_a_freed_slot_serves_again() {
+    async fn at_the_cap_a_new_connection_closes_the_oldest_and_is_served() {
         let (addr, _stop) = endpoint(Limits {
             max_connections: 2,
             idle: Duration::from_secs(600),
         })
         .await;
+        // Two silent connections hold the cap, as a stuck or hostile
+        // client's would: a probe must still be served.
         let mut one = TcpStream::connect(addr).await.unwrap();
         let mut two = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(healthz(&mut one).await, Some(200));
+        let mut probe = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut probe).await, Some(200));
+        // The oldest gave way; the next oldest still serves, until another
+        // comes.
+        closed(&mut one, tokio::time::Instant::now()).await;
         assert_eq!(healthz(&mut two).await, Some(200));
-        // A third is closed unserved, long before the idle limit.
-        let mut three = TcpStream::connect(addr).await.unwrap();
-        assert_eq!(healthz(&mut three).await, None);
-        drop(one);
-        // The slot comes back once the endpoint has seen the close.
-        let deadline = tokio::time::Instant::now() + HANG;
-        loop {
-            let mut again = TcpStream::connect(addr).await.unwrap();
-            if healthz(&mut again).await == Some(200) {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "slot never freed");
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(healthz(&mut two).await, Some(200));
+        let mut another = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut another).await, Some(200));
+        closed(&mut two, tokio::time::Instant::now()).await;
+        assert_eq!(healthz(&mut probe).await, Some(200));
     }
 }
