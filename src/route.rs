@@ -73,6 +73,10 @@ pub struct RouteState {
     unresolved_log: Summed,
     /// Connections reset because no address connected.
     unreachable_log: Summed,
+    /// Answer addresses found to be this proxy's own listeners, each
+    /// logged once: a configuration's fault, there for good until it is
+    /// changed, so a line per connection would say nothing new.
+    loops_logged: Mutex<Vec<SocketAddr>>,
 }
 
 /// Events that can come once per connection are logged summed: a client
@@ -164,6 +168,7 @@ impl Route {
                 stale_log: Summed::default(),
                 unresolved_log: Summed::default(),
                 unreachable_log: Summed::default(),
+                loops_logged: Mutex::new(Vec::new()),
             }),
         };
         let limit = match previous {
@@ -250,6 +255,18 @@ impl Route {
                 }
             } else if a.result.marks_down() && st.health.mark_down(a.addr, now, a.result.as_str()) {
                 self.transition(a.addr, Transition::WentDown, a.result.as_str());
+            } else if a.result == AttemptResult::Loop {
+                let mut logged = lock(&st.loops_logged);
+                if !logged.contains(&a.addr) {
+                    logged.push(a.addr);
+                    tracing::warn!(
+                        route = %self.cfg.name,
+                        alias = %self.cfg.alias,
+                        upstream.addr = %a.addr,
+                        "the alias answers with this proxy's own listener: that address is never \
+                         dialled (loop guard); connections that skip it log no more warnings"
+                    );
+                }
             }
         }
     }
@@ -519,10 +536,13 @@ async fn resolve_and_connect(
     {
         st.metrics.failovers.increment(1);
         // Only a failover this connection went through is worth a WARN:
-        // one that merely skipped an address already known down would log
-        // a line per connection for as long as that server is down, after
-        // the one line that marked it down.
-        if attempts.iter().any(|a| a.result != AttemptResult::Ok) {
+        // one that merely skipped an address already known down, or one of
+        // this proxy's own listeners, would log a line per connection for
+        // as long as that lasts, after the one line that said so.
+        if attempts
+            .iter()
+            .any(|a| !matches!(a.result, AttemptResult::Ok | AttemptResult::Loop))
+        {
             tracing::warn!(
                 route = %cfg.name,
                 client.addr = %peer.0,

@@ -1125,3 +1125,48 @@ async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_that_answers_with_the_proxy_itself_is_named_once_not_per_connection() {
+    // The alias's first address is the proxy's own listener (its IP and
+    // port): the loop guard skips it and the next address serves. That is
+    // the configuration's fault and lasts until it changes, so it is
+    // logged once, and the connections that skip it are no failovers
+    // worth a WARN each.
+    let port = std::net::TcpListener::bind((ip(156), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let own = std::net::SocketAddr::new(ip(156), port);
+    let b = backend_on(std::net::SocketAddr::new(ip(157), port), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), ip(157), port, "");
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace("127.0.0.1:0\"\nalias", &format!("{own}\"\nalias"));
+    std::fs::write(&cfg, text).unwrap();
+    std::fs::write(
+        dir.path().join("hosts"),
+        format!("{} cluster.test\n{} cluster.test\n", own.ip(), b.addr.ip()),
+    )
+    .unwrap();
+    let mut p = Running::spawn(&cfg);
+    let mut lines = p.lines_until("\"listening\"");
+    assert_eq!(listen_addr(lines.last().expect("the line")), own);
+    for _ in 0..10 {
+        assert_eq!(id_via(own).await, "b");
+    }
+    p.signal("TERM");
+    lines.extend(p.lines_until("\"stopped\""));
+    assert_eq!(p.wait_exit(), 0);
+    let named: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains("own listener"))
+        .map(|l| log_fields(l))
+        .collect();
+    assert_eq!(named.len(), 1, "{lines:#?}");
+    assert_eq!(named[0].0, "WARN");
+    assert_eq!(named[0].1["upstream.addr"], own.to_string());
+    assert!(!lines.iter().any(|l| l.contains("failover:")), "{lines:#?}");
+}
