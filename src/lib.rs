@@ -117,7 +117,6 @@ pub struct Server {
 /// back by another takes it again, where binding the address would fail
 /// with "address in use"), and a socket that no route serves is parked:
 /// its connections are reset at once, as a port with no server refuses.
-#[derive(Default)]
 struct Passed {
     sockets: Vec<(SocketAddr, std::net::TcpListener)>,
     parked: HashMap<SocketAddr, (watch::Sender<bool>, JoinHandle<()>)>,
