@@ -50,11 +50,31 @@ impl OwnListeners {
     }
 }
 
-/// Whether `ip` is one of this host's addresses: only then can a socket be
-/// bound to it. Asked only for an answer on the port of a listener on the
-/// unspecified address, so a connection's usual path never pays for it.
+/// Whether `ip` is one of this host's addresses. Asked only for an answer
+/// on the port of a listener on the unspecified address, so a connection's
+/// usual path never pays for it.
+///
+/// The kernel's route to a local address leaves from that address (all of
+/// 127.0.0.0/8 is local, though it leaves from 127.0.0.1). Whether the
+/// address can be bound is no test: with `net.ipv4.ip_nonlocal_bind = 1`
+/// (hosts running keepalived or a load balancer's floating addresses) any
+/// address can, and every server on the listener's port would be skipped
+/// as a loop.
 fn is_local(ip: IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+    if ip.is_loopback() {
+        return true;
+    }
+    let any = match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    };
+    // A UDP connect only looks the route up: nothing is sent.
+    std::net::UdpSocket::bind(SocketAddr::new(any, 0))
+        .and_then(|s| {
+            s.connect(SocketAddr::new(ip, 9))?;
+            s.local_addr()
+        })
+        .is_ok_and(|from| from.ip() == ip)
 }
 
 /// What a route knows that outlives a reload of an unchanged route: health,

@@ -206,16 +206,16 @@ def query_a(port, name):
 
 class Proxy:
     def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", dns_port=None,
-                 dns_ports=None, uid=None):
-        self.port = free_port()
+                 dns_ports=None, uid=None, listen_ip="127.0.0.1", port=None, server_port=None):
+        self.port = port or free_port()
         self.admin = free_port()
         self.cfg = tmp / f"proxy-{self.port}.toml"
         self.cfg.write_text(f"""
 [[route]]
 name = "faults"
-listen = "127.0.0.1:{self.port}"
+listen = "{listen_ip}:{self.port}"
 alias = "cluster.test"
-port = {SERVER_PORT}
+port = {server_port or SERVER_PORT}
 attempt_delay = "200ms"
 connect_timeout = "2s"
 {extra_route}
@@ -783,6 +783,51 @@ def small_pipes(tmp, dns):
         a.stop()
 
 
+def nonlocal_bind(tmp, dns):
+    """With net.ipv4.ip_nonlocal_bind = 1 (hosts with keepalived or a load
+    balancer's floating addresses), a proxy listening on 0.0.0.0 still
+    dials a server elsewhere on its own port, and skips only addresses of
+    this host.
+
+    The loop guard asked whether an address could be bound; with that
+    sysctl any can, and every server on the listener's port was skipped
+    as a loop. The sysctl is per network namespace: this one's."""
+    knob = Path("/proc/sys/net/ipv4/ip_nonlocal_bind")
+    before = knob.read_text()
+    local, remote = "10.200.1.1", "192.0.2.1"  # remote: TEST-NET-1, no route here
+    subprocess.run(["ip", "addr", "add", f"{local}/32", "dev", "lo"], check=True)
+    knob.write_text("1\n")
+    p = None
+    try:
+        port = free_port("0.0.0.0")
+        hosts = tmp / "nonlocal-hosts"
+        hosts.write_text(f"{local} cluster.test\n{remote} cluster.test\n")
+        # Listening on 0.0.0.0 on the servers' own port.
+        p = Proxy(tmp, dns, hosts_file=str(hosts), listen_ip="0.0.0.0", port=port,
+                  server_port=port, extra_route="allow_non_loopback = true")
+        try:
+            name_via(p.port)
+        except OSError:
+            pass  # no server answers: the client is reset
+        loops = p.metric("failover_proxy_upstream_connect_attempts_total",
+                         address=f"{local}:{p.port}", result="loop")
+        remote_loops = p.metric("failover_proxy_upstream_connect_attempts_total",
+                                address=f"{remote}:{p.port}", result="loop")
+        remote_tried = sum(p.metric("failover_proxy_upstream_connect_attempts_total",
+                                    address=f"{remote}:{p.port}", result=r)
+                           for r in ("refused", "timeout", "error", "ok"))
+        # Each connection (the readiness check's, then this one) skips the
+        # address of this host and dials the one elsewhere.
+        assert loops >= 1, f"this host's address not skipped as a loop: {loops}"
+        assert remote_loops == 0, f"a server elsewhere taken for this proxy {remote_loops} times"
+        assert remote_tried >= 1, "the server elsewhere was never dialled"
+    finally:
+        knob.write_text(before)
+        subprocess.run(["ip", "addr", "del", f"{local}/32", "dev", "lo"])
+        if p:
+            p.stop()
+
+
 def set_nofile(pid, n):
     """Sets the soft RLIMIT_NOFILE of the running process `pid` (prlimit,
     util-linux; raising it back needs no privilege, as the hard limit
@@ -875,6 +920,7 @@ SCENARIOS = [
     held_connections,
     fd_exhaustion,
     small_pipes,
+    nonlocal_bind,
     churn_soak,
 ]
 
