@@ -303,7 +303,7 @@ async fn sockets_passed_by_systemd_are_taken_by_address_and_one_no_route_serves_
         .unwrap();
         cfg
     };
-    let (p, addrs) = loop {
+    let (mut p, addrs) = loop {
         if let Some(started) = activated(&[148, 149, 150], true, "pa", write).await {
             break started;
         }
@@ -316,6 +316,32 @@ async fn sockets_passed_by_systemd_are_taken_by_address_and_one_no_route_serves_
     assert!(warned.contains(&addrs[1].to_string()), "{warned}");
     assert_reset(addrs[1]).await;
     assert_eq!(id_via(addrs[0]).await, "pa");
+
+    // At shutdown that socket is let go with the routes' own: a client
+    // then waits in its queue for the next instance instead of a reset.
+    let (_, mut held) = within("a held connection", served_by(addrs[0]))
+        .await
+        .unwrap();
+    p.signal("TERM");
+    p.wait_line("draining open connections");
+    let waiting = TcpStream::connect(addrs[1])
+        .await
+        .expect("queued during the drain, not reset");
+    // A round trip through the draining proxy: its event loop has run
+    // since that connection arrived, so anything still accepting on its
+    // socket would have reset it by now.
+    held.write_all(b"ping").await.unwrap();
+    let mut echo = [0u8; 4];
+    within("the echo", held.read_exact(&mut echo))
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1];
+    match waiting.try_read(&mut buf) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("answered during the drain: {other:?}"),
+    }
+    drop(held);
+    assert_eq!(p.wait_exit(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
