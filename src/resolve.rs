@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
-    NameServerConfig, ResolveHosts, ResolverConfig as DnsConfig, ResolverOpts,
+    NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig as DnsConfig, ResolverOpts,
 };
 use hickory_resolver::lookup::Lookup;
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
@@ -589,9 +589,17 @@ impl Resolver {
         name: &str,
         deadline: tokio::time::Instant,
     ) -> Result<Vec<IpAddr>, ResolveError> {
-        let servers = match &self.dns {
-            Nameservers::Listed(s) => s.clone(),
-            Nameservers::System(conf) => conf.current(),
+        let (servers, family) = match &self.dns {
+            Nameservers::Listed(s) => (s.clone(), self.family),
+            Nameservers::System(conf) => {
+                let (servers, no_aaaa) = conf.current();
+                // glibc's `options no-aaaa` (2.36): no AAAA query, as for
+                // every other program on the host.
+                match self.family {
+                    Family::Any if no_aaaa => (servers, Family::Ipv4),
+                    f => (servers, f),
+                }
+            }
         };
         let ask = |rtype| {
             let servers = &servers;
@@ -601,7 +609,7 @@ impl Resolver {
                     .unwrap_or(Err(NetError::Timeout))
             }
         };
-        let (a, aaaa) = match self.family {
+        let (a, aaaa) = match family {
             Family::Ipv4 => (Some(ask(RecordType::A).await), None),
             Family::Ipv6 => (None, Some(ask(RecordType::AAAA).await)),
             Family::Any => {
@@ -808,6 +816,8 @@ struct SystemState {
     /// keeps them.
     text: Vec<u8>,
     servers: Arc<[TokioResolver]>,
+    /// `options no-aaaa`.
+    no_aaaa: bool,
     /// The last problem logged, so that it is logged once, not per query.
     last_error: Option<String>,
 }
@@ -816,7 +826,9 @@ impl SystemConf {
     fn read(path: &Path, port: u16, timeout: Duration) -> Result<SystemConf, BuildError> {
         let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
         let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
-        let (servers, _) = SystemConf::parse(path, &text, port, timeout)?;
+        let Parsed {
+            servers, options, ..
+        } = SystemConf::parse(path, &text, port, timeout)?;
         Ok(SystemConf {
             path: path.to_path_buf(),
             port,
@@ -825,17 +837,13 @@ impl SystemConf {
                 stamp: Some(stamp),
                 text,
                 servers,
+                no_aaaa: options.no_aaaa,
                 last_error: None,
             }),
         })
     }
 
-    fn parse(
-        path: &Path,
-        text: &[u8],
-        port: u16,
-        timeout: Duration,
-    ) -> Result<(Arc<[TokioResolver]>, Vec<IpAddr>), BuildError> {
+    fn parse(path: &Path, text: &[u8], port: u16, timeout: Duration) -> Result<Parsed, BuildError> {
         let (mut dns_cfg, opts) =
             hickory_resolver::system_conf::parse_resolv_conf(text).map_err(|source| {
                 BuildError::SystemConf {
@@ -843,20 +851,34 @@ impl SystemConf {
                     source,
                 }
             })?;
+        let options = Options::of(text);
         // hickory refuses a file that names no server: no check here.
         let ips = dns_cfg.name_servers().iter().map(|ns| ns.ip).collect();
         let servers = dns_cfg
             .name_servers()
             .iter()
             .cloned()
-            .map(|ns| on_port(ns, port))
+            .map(|mut ns| {
+                // `options use-vc`: TCP only, as glibc then asks (hickory
+                // reads the option but would ask over UDP first). For a
+                // network that drops DNS over UDP.
+                if options.use_vc {
+                    ns.connections
+                        .retain(|c| matches!(c.protocol, ProtocolConfig::Tcp));
+                }
+                on_port(ns, port)
+            })
             .collect();
         dns_cfg = DnsConfig::from_parts(
             dns_cfg.domain().cloned(),
             dns_cfg.search().to_vec(),
             servers,
         );
-        Ok((build(&dns_cfg, opts, timeout)?, ips))
+        Ok(Parsed {
+            servers: build(&dns_cfg, opts, timeout)?,
+            ips,
+            options,
+        })
     }
 
     /// The servers to ask now: those of the file as it is, or, when it
@@ -865,7 +887,7 @@ impl SystemConf {
     /// The stat, and the read after a change, are blocking calls on a
     /// small local file, made once per DNS query (not per connection: the
     /// hosts file may answer first, and connections share queries).
-    fn current(&self) -> Arc<[TokioResolver]> {
+    fn current(&self) -> (Arc<[TokioResolver]>, bool) {
         let mut st = lock(&self.state);
         match self.refresh(&mut st) {
             Ok(()) => st.last_error = None,
@@ -878,7 +900,7 @@ impl SystemConf {
                 st.stamp = None;
             }
         }
-        st.servers.clone()
+        (st.servers.clone(), st.no_aaaa)
     }
 
     fn refresh(&self, st: &mut SystemState) -> Result<(), BuildError> {
@@ -891,13 +913,57 @@ impl SystemConf {
         // again, and the next query reads the file anew.
         let text = std::fs::read(&self.path).map_err(read)?;
         if text != st.text {
-            let (servers, ips) = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
+            let Parsed {
+                servers,
+                ips,
+                options,
+            } = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
             st.servers = servers;
+            st.no_aaaa = options.no_aaaa;
             st.text = text;
-            tracing::info!(path = %self.path.display(), nameservers = ?ips, "resolv.conf changed; asking the nameservers it names now");
+            tracing::info!(path = %self.path.display(), nameservers = ?ips, use_vc = options.use_vc, no_aaaa = options.no_aaaa, "resolv.conf changed; asking the nameservers it names now");
         }
         st.stamp = Some(stamp);
         Ok(())
+    }
+}
+
+/// What one reading of resolv.conf gives: the servers built, their
+/// addresses (for the log), and the options the queries follow.
+struct Parsed {
+    servers: Arc<[TokioResolver]>,
+    ips: Vec<IpAddr>,
+    options: Options,
+}
+
+/// The options of resolv.conf that change where or how the proxy asks,
+/// which hickory does not apply itself (it applies `ndots` and `edns0`;
+/// `timeout` and `attempts` give way to `resolver.timeout`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Options {
+    use_vc: bool,
+    no_aaaa: bool,
+}
+
+impl Options {
+    /// From the `options` lines, as glibc reads them: a later line adds to
+    /// an earlier one.
+    fn of(text: &[u8]) -> Options {
+        let mut o = Options::default();
+        for line in String::from_utf8_lossy(text).lines() {
+            let mut words = line.split_ascii_whitespace();
+            if words.next() != Some("options") {
+                continue;
+            }
+            for w in words {
+                match w {
+                    "use-vc" => o.use_vc = true,
+                    "no-aaaa" => o.no_aaaa = true,
+                    _ => {}
+                }
+            }
+        }
+        o
     }
 }
 
@@ -1419,7 +1485,7 @@ mod tests {
         let gone = |kept: usize| {
             move || {
                 for _ in 0..3 {
-                    assert_eq!(conf.current().len(), kept);
+                    assert_eq!(conf.current().0.len(), kept);
                 }
             }
         };
@@ -1427,7 +1493,9 @@ mod tests {
         assert_logged_once(&logged, "keeping the nameservers");
         // Back, naming other servers: the change is logged with it.
         std::fs::write(&path, "nameserver 127.0.0.2\nnameserver ::1\n").unwrap();
-        let logged = logs(tracing::Level::INFO, || assert_eq!(conf.current().len(), 2));
+        let logged = logs(tracing::Level::INFO, || {
+            assert_eq!(conf.current().0.len(), 2)
+        });
         assert!(
             logged.contains("INFO") && logged.contains("nameservers=[127.0.0.2, ::1]"),
             "{logged}"

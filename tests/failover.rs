@@ -974,18 +974,29 @@ async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
 /// and which gives the whole answer over TCP on the same port: what a
 /// server does when the answer is larger than a UDP reply may be.
 async fn truncating_dns(ips: Vec<std::net::IpAddr>) -> std::net::SocketAddr {
+    split_dns(None, ips).await
+}
+
+/// A DNS server on 127.0.0.1 that answers every name with `udp`'s
+/// addresses over UDP (or, with `None`, a truncated answer) and `tcp`'s
+/// over TCP, on one port: which addresses come says how it was asked.
+async fn split_dns(
+    udp_ips: Option<Vec<std::net::IpAddr>>,
+    ips: Vec<std::net::IpAddr>,
+) -> std::net::SocketAddr {
     use hickory_proto::op::Message;
     use hickory_proto::rr::Name;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn answer(req: &Message, ips: &[std::net::IpAddr], whole: bool) -> Option<Vec<u8>> {
+    fn answer(req: &Message, ips: Option<&[std::net::IpAddr]>) -> Option<Vec<u8>> {
         let query = req.queries.first()?;
         let mut resp = reply_to(req, query);
-        if whole {
-            let owner: &Name = query.name();
-            add_addresses(&mut resp, owner, query.query_type(), ips, 60);
-        } else {
-            resp.metadata.truncation = true;
+        match ips {
+            Some(ips) => {
+                let owner: &Name = query.name();
+                add_addresses(&mut resp, owner, query.query_type(), ips, 60);
+            }
+            None => resp.metadata.truncation = true,
         }
         resp.to_vec().ok()
     }
@@ -1003,7 +1014,7 @@ async fn truncating_dns(ips: Vec<std::net::IpAddr>) -> std::net::SocketAddr {
         while let Ok((n, from)) = udp.recv_from(&mut buf).await {
             if let Some(bytes) = Message::from_vec(&buf[..n])
                 .ok()
-                .and_then(|req| answer(&req, &[], false))
+                .and_then(|req| answer(&req, udp_ips.as_deref()))
             {
                 let _ = udp.send_to(&bytes, from).await;
             }
@@ -1021,7 +1032,7 @@ async fn truncating_dns(ips: Vec<std::net::IpAddr>) -> std::net::SocketAddr {
                     }
                     let Some(bytes) = Message::from_vec(&msg)
                         .ok()
-                        .and_then(|req| answer(&req, &ips, true))
+                        .and_then(|req| answer(&req, Some(&ips)))
                     else {
                         return;
                     };
@@ -1174,6 +1185,47 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
     assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(52)]);
     std::fs::write(&conf, "nameserver 127.0.0.41\n").unwrap();
     assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(51)]);
+}
+
+#[tokio::test]
+async fn resolv_conf_options_use_vc_and_no_aaaa_are_followed() {
+    use failover_proxy::config::{Alias, Family};
+
+    // glibc's `use-vc` asks over TCP only (a network that drops DNS over
+    // UDP), and `no-aaaa` asks no AAAA query; the proxy, following
+    // resolv.conf, must do as every other program on the host does. This
+    // server gives one address over UDP and another over TCP.
+    let v6: std::net::IpAddr = "::1".parse().unwrap();
+    let dns = split_dns(Some(vec![ip(161), v6]), vec![ip(162), v6]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("resolv.conf");
+    std::fs::write(&conf, "nameserver 127.0.0.1\noptions no-aaaa\n").unwrap();
+    let resolver = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::with_system_conf(
+            &resolver_config(vec![], Family::Any),
+            &conf,
+            dns.port(),
+        )
+        .expect("resolver from resolv.conf"),
+    );
+    let alias = Alias::parse("cluster.test").unwrap();
+    let resolve = || async {
+        let r = within("resolution", resolver.resolve(&alias)).await;
+        r.result.expect("an answer").addrs
+    };
+    assert_eq!(resolve().await, vec![ip(161)]);
+    // Followed as the file changes, like its nameservers.
+    for (text, want) in [
+        ("nameserver 127.0.0.1\n", vec![ip(161), v6]),
+        ("nameserver 127.0.0.1\noptions use-vc\n", vec![ip(162), v6]),
+        (
+            "options edns0\nnameserver 127.0.0.1\noptions use-vc no-aaaa\n",
+            vec![ip(162)],
+        ),
+    ] {
+        std::fs::write(&conf, text).unwrap();
+        assert_eq!(resolve().await, want, "{text:?}");
+    }
 }
 
 #[test]
