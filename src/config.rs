@@ -566,6 +566,20 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
     };
 
     let routes = r.routes(top);
+    // One address cannot be both: under socket activation each would take
+    // the socket systemd passed for it, and share its connections.
+    if let Some(a) = admin.listen.filter(|a| a.port() != 0)
+        && let Some(route) = routes.iter().find(|rc| rc.listen == a)
+    {
+        let d = r.section(top, "admin");
+        r.problem(
+            d,
+            "admin",
+            "listen",
+            None,
+            format!("{a} is the listen of route {}", route.name),
+        );
+    }
 
     if r.problems.is_empty() {
         Ok(Config {

@@ -231,6 +231,34 @@ fn non_loopback_listen_needs_allow_non_loopback() {
 }
 
 #[test]
+fn the_admin_endpoint_cannot_listen_where_a_route_does() {
+    // Under socket activation each would take the socket systemd passed
+    // for that address, and they would share its connections unnoticed.
+    Jail::expect_with(|jail| {
+        let named = ROUTE.replace("[[route]]", "[[route]]\nname = \"mgmt\"");
+        jail.create_file("c.toml", &named)?;
+        jail.set_env("FAILOVER_PROXY_ADMIN__LISTEN", "127.0.0.1:41000");
+        let e = load_file(jail, "c.toml").expect_err("must be refused");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(p[0].0, "admin.listen");
+        assert!(p[0].1.contains("FAILOVER_PROXY_ADMIN__LISTEN"), "{p:?}");
+        assert!(
+            p[0].2
+                .contains("127.0.0.1:41000 is the listen of route mgmt"),
+            "{p:?}"
+        );
+        // Another port, or port 0 on both (each draws its own), is fine.
+        jail.set_env("FAILOVER_PROXY_ADMIN__LISTEN", "127.0.0.1:41001");
+        load_file(jail, "c.toml").map_err(|e| e.to_string())?;
+        jail.create_file("zero.toml", &named.replace(":41000\"", ":0\""))?;
+        jail.set_env("FAILOVER_PROXY_ADMIN__LISTEN", "127.0.0.1:0");
+        load_file(jail, "zero.toml").map_err(|e| e.to_string())?;
+        Ok(())
+    });
+}
+
+#[test]
 fn the_config_file_comes_from_the_flag_then_the_variable_then_the_default() {
     use std::path::Path;
     let named = |p: &str, how: &str| ConfigPath::Named(PathBuf::from(p), how.into());
