@@ -177,6 +177,30 @@ impl Passed {
     }
 }
 
+/// Why `listen` may be in use: systemd passed a socket on another address
+/// with its port (`ListenStream=41000`, say, which binds `[::]:41000`),
+/// and that socket holds the port. The ephemeral-port hint would mislead.
+fn passed_hint(
+    e: io::Error,
+    listen: SocketAddr,
+    passed: &[(SocketAddr, std::net::TcpListener)],
+) -> io::Error {
+    let holds = |a: &SocketAddr| {
+        a.port() == listen.port() && (a.ip().is_unspecified() || listen.ip().is_unspecified())
+    };
+    match passed.iter().find(|(a, _)| holds(a)) {
+        Some((a, _)) if e.kind() == io::ErrorKind::AddrInUse => io::Error::new(
+            e.kind(),
+            format!(
+                "address in use: systemd passed a socket on {a} (the socket unit's \
+                 ListenStream=), which holds the port; make the two addresses the same \
+                 (ListenStream={listen})"
+            ),
+        ),
+        _ => e,
+    }
+}
+
 /// A route's listener (taken from systemd's when the address matches) and
 /// the address it is bound to (the real port when `listen` asked for 0).
 fn bind_route(
@@ -198,7 +222,9 @@ fn bind_route(
             tracing::info!(route = %rc.name, listen = %rc.listen, "using the socket passed by systemd");
             TcpListener::from_std(l).map_err(err)?
         }
-        None => listener::bind(rc.listen).map_err(err)?,
+        None => listener::bind(rc.listen)
+            .map_err(|e| passed_hint(e, rc.listen, &passed.sockets))
+            .map_err(err)?,
     };
     let bound = listener.local_addr().map_err(err)?;
     Ok((listener, bound))
@@ -622,5 +648,53 @@ impl Signals {
         };
         tracing::warn!(signal, "second signal: not waiting for open connections");
         let _ = tx.send(Control::Shutdown).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::passed_hint;
+    use std::io;
+    use std::net::SocketAddr;
+
+    #[test]
+    fn a_port_held_by_a_socket_systemd_passed_on_another_address_is_named() {
+        // A passed socket bound on the unspecified address (what
+        // `ListenStream=PORT` gives) holds the port on every address.
+        let held = std::net::TcpListener::bind("127.0.0.164:0").unwrap();
+        let port = held.local_addr().unwrap().port();
+        let any: SocketAddr = format!("[::]:{port}").parse().unwrap();
+        let passed = vec![(any, held)];
+        let listen: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let in_use = || io::Error::new(io::ErrorKind::AddrInUse, "Address in use (os error 98)");
+        let e = passed_hint(in_use(), listen, &passed);
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("systemd passed a socket on [::]:{port}"))
+                && text.ends_with(&format!("(ListenStream=127.0.0.1:{port})")),
+            "{text}"
+        );
+        // Another cause, or another port, or two specific addresses (which
+        // do not clash): the error as it was.
+        let other = io::Error::new(io::ErrorKind::PermissionDenied, "denied");
+        assert_eq!(passed_hint(other, listen, &passed).to_string(), "denied");
+        let elsewhere: SocketAddr = format!("127.0.0.1:{}", port.wrapping_add(1))
+            .parse()
+            .unwrap();
+        assert!(
+            !passed_hint(in_use(), elsewhere, &passed)
+                .to_string()
+                .contains("systemd")
+        );
+        let specific = std::net::TcpListener::bind("127.0.0.165:0").unwrap();
+        let at = specific.local_addr().unwrap();
+        let passed = vec![(at, specific)];
+        let beside: SocketAddr = format!("127.0.0.166:{}", at.port()).parse().unwrap();
+        assert!(
+            !passed_hint(in_use(), beside, &passed)
+                .to_string()
+                .contains("systemd")
+        );
     }
 }
