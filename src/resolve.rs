@@ -250,7 +250,7 @@ impl Resolver {
         port: u16,
     ) -> Result<Resolver, BuildError> {
         let dns = if cfg.nameservers.is_empty() {
-            Nameservers::System(SystemConf::read(path, port, cfg.timeout)?)
+            Nameservers::System(Box::new(SystemConf::read(path, port, cfg.timeout)?))
         } else {
             let servers = cfg
                 .nameservers
@@ -592,7 +592,7 @@ impl Resolver {
         let (servers, family) = match &self.dns {
             Nameservers::Listed(s) => (s.clone(), self.family),
             Nameservers::System(conf) => {
-                let (servers, no_aaaa) = conf.current();
+                let (servers, no_aaaa) = conf.current(name);
                 // glibc's `options no-aaaa` (2.36): no AAAA query, as for
                 // every other program on the host.
                 match self.family {
@@ -755,7 +755,7 @@ enum Nameservers {
     /// `resolver.nameservers`: fixed for the resolver's life.
     Listed(Arc<[TokioResolver]>),
     /// Those of resolv.conf, followed when the file changes.
-    System(SystemConf),
+    System(Box<SystemConf>),
 }
 
 /// One hickory resolver per nameserver, in the given order, with no cache.
@@ -818,8 +818,42 @@ struct SystemState {
     servers: Arc<[TokioResolver]>,
     /// `options no-aaaa`.
     no_aaaa: bool,
+    /// `options ndots`, and how many search domains the file names.
+    ndots: usize,
+    searches: usize,
+    /// Names said to go through the search domains first, each said once.
+    searched_logged: Vec<String>,
     /// The last problem logged, so that it is logged once, not per query.
     last_error: Option<String>,
+}
+
+impl SystemState {
+    /// Says once per name when a name with a dot, not written complete,
+    /// has fewer dots than `ndots`: the resolver then asks for it under
+    /// each search domain before asking for it as it is, as glibc does. In
+    /// a Kubernetes pod (`ndots:5`, three search domains) that is 8
+    /// queries a connection instead of 2, for a name such as
+    /// `cluster.example.com` that was meant whole.
+    fn note_searched(&mut self, name: &str) {
+        let dots = name.matches('.').count();
+        if name.ends_with('.')
+            || dots == 0
+            || dots >= self.ndots
+            || self.searches == 0
+            || self.searched_logged.iter().any(|n| n == name)
+        {
+            return;
+        }
+        self.searched_logged.push(name.to_string());
+        tracing::info!(
+            alias = name,
+            ndots = self.ndots,
+            search_domains = self.searches,
+            "the alias has fewer dots than resolv.conf's ndots: each resolution asks for it \
+             under every search domain first; if the name is complete, write it with a \
+             trailing dot"
+        );
+    }
 }
 
 impl SystemConf {
@@ -827,7 +861,11 @@ impl SystemConf {
         let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
         let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
         let Parsed {
-            servers, options, ..
+            servers,
+            options,
+            ndots,
+            searches,
+            ..
         } = SystemConf::parse(path, &text, port, timeout)?;
         Ok(SystemConf {
             path: path.to_path_buf(),
@@ -838,6 +876,9 @@ impl SystemConf {
                 text,
                 servers,
                 no_aaaa: options.no_aaaa,
+                ndots,
+                searches,
+                searched_logged: Vec::new(),
                 last_error: None,
             }),
         })
@@ -852,6 +893,7 @@ impl SystemConf {
                 }
             })?;
         let options = Options::of(text);
+        let (ndots, searches) = (opts.ndots, dns_cfg.search().len());
         // hickory refuses a file that names no server: no check here.
         let ips = dns_cfg.name_servers().iter().map(|ns| ns.ip).collect();
         let servers = dns_cfg
@@ -878,6 +920,8 @@ impl SystemConf {
             servers: build(&dns_cfg, opts, timeout)?,
             ips,
             options,
+            ndots,
+            searches,
         })
     }
 
@@ -887,8 +931,9 @@ impl SystemConf {
     /// The stat, and the read after a change, are blocking calls on a
     /// small local file, made once per DNS query (not per connection: the
     /// hosts file may answer first, and connections share queries).
-    fn current(&self) -> (Arc<[TokioResolver]>, bool) {
+    fn current(&self, name: &str) -> (Arc<[TokioResolver]>, bool) {
         let mut st = lock(&self.state);
+        st.note_searched(name);
         match self.refresh(&mut st) {
             Ok(()) => st.last_error = None,
             Err(e) => {
@@ -917,9 +962,13 @@ impl SystemConf {
                 servers,
                 ips,
                 options,
+                ndots,
+                searches,
             } = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
             st.servers = servers;
             st.no_aaaa = options.no_aaaa;
+            st.ndots = ndots;
+            st.searches = searches;
             st.text = text;
             tracing::info!(path = %self.path.display(), nameservers = ?ips, use_vc = options.use_vc, no_aaaa = options.no_aaaa, "resolv.conf changed; asking the nameservers it names now");
         }
@@ -934,6 +983,8 @@ struct Parsed {
     servers: Arc<[TokioResolver]>,
     ips: Vec<IpAddr>,
     options: Options,
+    ndots: usize,
+    searches: usize,
 }
 
 /// The options of resolv.conf that change where or how the proxy asks,
@@ -1475,6 +1526,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_name_asked_under_the_search_domains_first_is_said_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        // A Kubernetes pod's file.
+        std::fs::write(
+            &path,
+            "nameserver 127.0.0.1\nsearch ns.svc.cluster.local svc.cluster.local \
+             cluster.local\noptions ndots:5\n",
+        )
+        .unwrap();
+        let conf = SystemConf::read(&path, 53, Duration::from_secs(1)).unwrap();
+        let logged = logs(tracing::Level::INFO, || {
+            for _ in 0..3 {
+                conf.current("mgmt.example.com");
+            }
+            // Written complete; meant for the search list (no dot); as
+            // many dots as ndots: asked as it is first, nothing to say.
+            for name in ["mgmt.example.com.", "mgmt", "a.b.c.d.e.f"] {
+                conf.current(name);
+            }
+        });
+        let what = "fewer dots than resolv.conf's ndots";
+        assert_logged_once(&logged, what);
+        assert!(
+            logged.contains("alias=\"mgmt.example.com\"")
+                && logged.contains("ndots=5")
+                && logged.contains("search_domains=3"),
+            "{logged}"
+        );
+        // No search list: every name is asked as it is.
+        std::fs::write(&path, "nameserver 127.0.0.1\noptions ndots:5\n").unwrap();
+        let conf = SystemConf::read(&path, 53, Duration::from_secs(1)).unwrap();
+        let logged = logs(tracing::Level::INFO, || {
+            conf.current("mgmt.example.com");
+        });
+        assert!(!logged.contains(what), "{logged}");
+    }
+
+    #[tokio::test]
     async fn a_resolv_conf_problem_is_logged_once_and_the_last_servers_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resolv.conf");
@@ -1485,7 +1575,7 @@ mod tests {
         let gone = |kept: usize| {
             move || {
                 for _ in 0..3 {
-                    assert_eq!(conf.current().0.len(), kept);
+                    assert_eq!(conf.current("x.").0.len(), kept);
                 }
             }
         };
@@ -1494,7 +1584,7 @@ mod tests {
         // Back, naming other servers: the change is logged with it.
         std::fs::write(&path, "nameserver 127.0.0.2\nnameserver ::1\n").unwrap();
         let logged = logs(tracing::Level::INFO, || {
-            assert_eq!(conf.current().0.len(), 2)
+            assert_eq!(conf.current("x.").0.len(), 2)
         });
         assert!(
             logged.contains("INFO") && logged.contains("nameservers=[127.0.0.2, ::1]"),
