@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
 use crate::listener::Current;
+use crate::lock;
 use crate::route::{OwnListeners, Route};
 
 /// What the endpoint reads: the metrics handle and the routes serving now.
@@ -147,10 +148,6 @@ impl Open {
     fn remove(&mut self, id: u64) {
         self.conns.retain(|(i, _)| *i != id);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn text(

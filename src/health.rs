@@ -15,6 +15,7 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use crate::config::{MAX_RETRY_DOWN_AFTER, Order};
+use crate::lock;
 
 #[derive(Debug, Clone)]
 struct Down {
@@ -313,10 +314,6 @@ impl Health {
             table.entry(*a);
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]

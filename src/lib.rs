@@ -149,7 +149,7 @@ impl Passed {
                      the socket unit"
                 );
                 let (stop, stop_rx) = watch::channel(false);
-                let task = tokio::spawn(listener::park(l, stop_rx));
+                let task = tokio::spawn(listener::park(l, addr, stop_rx));
                 self.parked.insert(addr, (stop, task));
             }
             Err(e) => {
@@ -574,6 +574,13 @@ impl Server {
         limits::warn_if_short(&new.routes);
         self.config = new;
     }
+}
+
+/// A mutex's data even if a thread panicked while holding it: every lock in
+/// the crate guards plain data that a panic leaves consistent enough to
+/// serve from, and one panicked connection must not stop the others.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// "what failed: why: deeper why", the whole cause chain on one line.

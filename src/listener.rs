@@ -137,7 +137,7 @@ pub async fn accept_loop(
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
 ) {
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut backoff = Backoff::new();
     let mut rejected: u64 = 0;
     let mut last_limit_log: Option<Instant> = None;
     let listen = current.get().cfg.listen;
@@ -175,7 +175,7 @@ pub async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 let arrived = Instant::now();
-                backoff = ACCEPT_BACKOFF_MIN;
+                backoff.reset();
                 arrived_since_anchor = true;
                 if !anchored {
                     anchored = true;
@@ -218,23 +218,10 @@ pub async fn accept_loop(
                     }
                 }
             }
-            Err(e) if is_per_connection(&e) => {
-                tracing::debug!(listen = %listen, error = %e, "accept: connection gone before accept");
-            }
             Err(e) => {
-                // EMFILE and the like: the condition clears only when other
-                // connections close, so retrying at once would spin.
-                tracing::warn!(
-                    listen = %listen,
-                    error = %e,
-                    backoff_ms = backoff.as_millis() as u64,
-                    "accept failed; backing off"
-                );
-                tokio::select! {
-                    _ = stopped(&mut shutdown) => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.after(&e, listen, &mut shutdown).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
     }
@@ -244,14 +231,13 @@ pub async fn accept_loop(
     tracing::info!(listen = %listen, "listener closed");
 }
 
-/// Resets every connection to `listener` until `stop` turns true: for a
-/// socket systemd passed that no route serves. systemd holds its own copy
-/// of the socket, so the kernel would complete each client's handshake and
-/// the client would then wait for an answer that never comes; a reset is
-/// what a port with no server gives.
-pub async fn park(listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    let listen = listener.local_addr().ok();
-    let mut backoff = ACCEPT_BACKOFF_MIN;
+/// Resets every connection to `listener` (bound to `listen`) until `stop`
+/// turns true: for a socket systemd passed that no route serves. systemd
+/// holds its own copy of the socket, so the kernel would complete each
+/// client's handshake and the client would then wait for an answer that
+/// never comes; a reset is what a port with no server gives.
+pub async fn park(listener: TcpListener, listen: SocketAddr, mut stop: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new();
     loop {
         let accepted = tokio::select! {
             biased;
@@ -260,20 +246,58 @@ pub async fn park(listener: TcpListener, mut stop: watch::Receiver<bool>) {
         };
         match accepted {
             Ok((stream, peer)) => {
-                backoff = ACCEPT_BACKOFF_MIN;
+                backoff.reset();
                 let _ = stream.set_zero_linger();
-                tracing::debug!(listen = ?listen, client.addr = %peer, "connection reset: no route listens here");
+                tracing::debug!(listen = %listen, client.addr = %peer, "connection reset: no route listens here");
             }
-            Err(e) if is_per_connection(&e) => {}
             Err(e) => {
-                tracing::warn!(listen = ?listen, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
-                tokio::select! {
-                    _ = stopped(&mut stop) => break,
-                    _ = tokio::time::sleep(backoff) => {}
+                if !backoff.after(&e, listen, &mut stop).await {
+                    break;
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// What an accept loop does after a failed accept.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(ACCEPT_BACKOFF_MIN)
+    }
+
+    /// An accept succeeded: the next failure waits the least again.
+    fn reset(&mut self) {
+        self.0 = ACCEPT_BACKOFF_MIN;
+    }
+
+    /// After `e`: a connection gone before it was accepted is passed over;
+    /// any other error (EMFILE and the like) clears only when other
+    /// connections close, so retrying at once would spin: it is logged and
+    /// waited out, 10 ms doubling to 1 s. False when `stop` came meanwhile.
+    async fn after(
+        &mut self,
+        e: &io::Error,
+        listen: SocketAddr,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
+        if is_per_connection(e) {
+            tracing::debug!(listen = %listen, error = %e, "accept: connection gone before accept");
+            return true;
+        }
+        tracing::warn!(
+            listen = %listen,
+            error = %e,
+            backoff_ms = self.0.as_millis() as u64,
+            "accept failed; backing off"
+        );
+        tokio::select! {
+            _ = stopped(stop) => return false,
+            _ = tokio::time::sleep(self.0) => {}
+        }
+        self.0 = (self.0 * 2).min(ACCEPT_BACKOFF_MAX);
+        true
     }
 }
 

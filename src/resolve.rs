@@ -25,6 +25,7 @@ use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
 
 use crate::config::{Alias, Family, ResolverConfig};
+use crate::lock;
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -815,12 +816,8 @@ struct SystemState {
     /// The text the servers were built from: a rewrite with the same text
     /// keeps them.
     text: Vec<u8>,
-    servers: Arc<[TokioResolver]>,
-    /// `options no-aaaa`.
-    no_aaaa: bool,
-    /// `options ndots`, and how many search domains the file names.
-    ndots: usize,
-    searches: usize,
+    /// What that text gave.
+    conf: Parsed,
     /// Names said to go through the search domains first, each said once.
     searched_logged: Vec<String>,
     /// The last problem logged, so that it is logged once, not per query.
@@ -836,10 +833,13 @@ impl SystemState {
     /// `cluster.example.com` that was meant whole.
     fn note_searched(&mut self, name: &str) {
         let dots = name.matches('.').count();
+        let Parsed {
+            ndots, searches, ..
+        } = self.conf;
         if name.ends_with('.')
             || dots == 0
-            || dots >= self.ndots
-            || self.searches == 0
+            || dots >= ndots
+            || searches == 0
             || self.searched_logged.iter().any(|n| n == name)
         {
             return;
@@ -847,8 +847,8 @@ impl SystemState {
         self.searched_logged.push(name.to_string());
         tracing::info!(
             alias = name,
-            ndots = self.ndots,
-            search_domains = self.searches,
+            ndots,
+            search_domains = searches,
             "the alias has fewer dots than resolv.conf's ndots: each resolution asks for it \
              under every search domain first; if the name is complete, write it with a \
              trailing dot"
@@ -860,13 +860,7 @@ impl SystemConf {
     fn read(path: &Path, port: u16, timeout: Duration) -> Result<SystemConf, BuildError> {
         let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
         let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
-        let Parsed {
-            servers,
-            options,
-            ndots,
-            searches,
-            ..
-        } = SystemConf::parse(path, &text, port, timeout)?;
+        let conf = SystemConf::parse(path, &text, port, timeout)?;
         Ok(SystemConf {
             path: path.to_path_buf(),
             port,
@@ -874,10 +868,7 @@ impl SystemConf {
             state: Mutex::new(SystemState {
                 stamp: Some(stamp),
                 text,
-                servers,
-                no_aaaa: options.no_aaaa,
-                ndots,
-                searches,
+                conf,
                 searched_logged: Vec::new(),
                 last_error: None,
             }),
@@ -933,7 +924,6 @@ impl SystemConf {
     /// hosts file may answer first, and connections share queries).
     fn current(&self, name: &str) -> (Arc<[TokioResolver]>, bool) {
         let mut st = lock(&self.state);
-        st.note_searched(name);
         match self.refresh(&mut st) {
             Ok(()) => st.last_error = None,
             Err(e) => {
@@ -945,7 +935,8 @@ impl SystemConf {
                 st.stamp = None;
             }
         }
-        (st.servers.clone(), st.no_aaaa)
+        st.note_searched(name);
+        (st.conf.servers.clone(), st.conf.options.no_aaaa)
     }
 
     fn refresh(&self, st: &mut SystemState) -> Result<(), BuildError> {
@@ -958,19 +949,11 @@ impl SystemConf {
         // again, and the next query reads the file anew.
         let text = std::fs::read(&self.path).map_err(read)?;
         if text != st.text {
-            let Parsed {
-                servers,
-                ips,
-                options,
-                ndots,
-                searches,
-            } = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
-            st.servers = servers;
-            st.no_aaaa = options.no_aaaa;
-            st.ndots = ndots;
-            st.searches = searches;
-            st.text = text;
+            let conf = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
+            let Parsed { ips, options, .. } = &conf;
             tracing::info!(path = %self.path.display(), nameservers = ?ips, use_vc = options.use_vc, no_aaaa = options.no_aaaa, "resolv.conf changed; asking the nameservers it names now");
+            st.conf = conf;
+            st.text = text;
         }
         st.stamp = Some(stamp);
         Ok(())
@@ -978,7 +961,8 @@ impl SystemConf {
 }
 
 /// What one reading of resolv.conf gives: the servers built, their
-/// addresses (for the log), and the options the queries follow.
+/// addresses (for the log), and the options the queries follow
+/// (`ndots`, and how many search domains the file names, for the log).
 struct Parsed {
     servers: Arc<[TokioResolver]>,
     ips: Vec<IpAddr>,
@@ -1024,12 +1008,6 @@ fn family_name(f: Family) -> &'static str {
         Family::Ipv4 => "ipv4",
         Family::Ipv6 => "ipv6",
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves plain data behind,
-    // still consistent enough to serve from.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The configured hosts file, re-parsed only when its metadata changes.

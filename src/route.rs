@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use crate::config::{HealthConfig, RouteConfig};
 use crate::connect::{Attempt, AttemptResult, AttemptsDisplay, connect_staggered};
 use crate::health::{AddrStatus, Health, Transition};
+use crate::lock;
 use crate::metrics::{FailReason, RouteMetrics};
 use crate::relay::{Counts, End, relay};
 use crate::resolve::{Answer, ResolveError, Resolver, Source};
@@ -350,10 +351,6 @@ pub fn readiness(answer: Option<&Answer>, states: &[AddrStatus]) -> Result<(), S
         }
         _ => Ok(()),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Everything one connection needs, cheap to clone per connection.

@@ -167,6 +167,23 @@ fn log_fields(line: &str) -> (String, serde_json::Value) {
     (level, v)
 }
 
+/// The lines of `lines` that contain `needle`, parsed as by [`log_fields`].
+fn logged(lines: &[String], needle: &str) -> Vec<(String, serde_json::Value)> {
+    lines
+        .iter()
+        .filter(|l| l.contains(needle))
+        .map(|l| log_fields(l))
+        .collect()
+}
+
+/// Stops `p` with SIGTERM, adds its last lines to `lines`, and checks that
+/// it exits 0.
+fn stop_cleanly(p: &mut Running, lines: &mut Vec<String>) {
+    p.signal("TERM");
+    lines.extend(p.lines_until("\"stopped\""));
+    assert_eq!(p.wait_exit(), 0);
+}
+
 /// `ADDR RESULT 1.2ms, ...` from a log line's `attempts` field, as
 /// (address, result) pairs, each time checked to be a number of ms.
 fn attempts_of(fields: &serde_json::Value) -> Vec<(String, String)> {
@@ -755,14 +772,8 @@ async fn a_dns_server_that_drops_aaaa_queries_is_named_once_and_costs_no_timeout
             took < std::time::Duration::from_secs(5),
             "{dropped} dropped: 3 connections took {took:?}"
         );
-        p.signal("TERM");
-        lines.extend(p.lines_until("\"stopped\""));
-        assert_eq!(p.wait_exit(), 0);
-        let warned: Vec<_> = lines
-            .iter()
-            .filter(|l| l.contains("DNS query unanswered"))
-            .map(|l| log_fields(l))
-            .collect();
+        stop_cleanly(&mut p, &mut lines);
+        let warned = logged(&lines, "DNS query unanswered");
         assert_eq!(warned.len(), 1, "{lines:#?}");
         let (level, f) = &warned[0];
         assert_eq!(level, "WARN");
@@ -1085,9 +1096,7 @@ async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
     let secs = started.elapsed().as_secs_f64().ceil() as usize;
     let b = serve_backend(server.listen(16).unwrap(), "back");
     assert_eq!(id_via(addr).await, "back");
-    p.signal("TERM");
-    lines.extend(p.lines_until("\"stopped\""));
-    assert_eq!(p.wait_exit(), 0);
+    stop_cleanly(&mut p, &mut lines);
     drop(b);
 
     for (warn, end) in [
@@ -1101,10 +1110,8 @@ async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
         ),
     ] {
         let resets = |needle: &str, level: &str| -> Vec<u64> {
-            lines
-                .iter()
-                .filter(|l| l.contains(needle))
-                .map(|l| log_fields(l))
+            logged(&lines, needle)
+                .into_iter()
                 .inspect(|(lv, _)| assert_eq!(lv, level, "{needle}"))
                 .map(|(_, f)| f["resets"].as_u64().expect("resets field"))
                 .collect()
@@ -1157,14 +1164,8 @@ async fn an_alias_that_answers_with_the_proxy_itself_is_named_once_not_per_conne
     for _ in 0..10 {
         assert_eq!(id_via(own).await, "b");
     }
-    p.signal("TERM");
-    lines.extend(p.lines_until("\"stopped\""));
-    assert_eq!(p.wait_exit(), 0);
-    let named: Vec<_> = lines
-        .iter()
-        .filter(|l| l.contains("own listener"))
-        .map(|l| log_fields(l))
-        .collect();
+    stop_cleanly(&mut p, &mut lines);
+    let named = logged(&lines, "own listener");
     assert_eq!(named.len(), 1, "{lines:#?}");
     assert_eq!(named[0].0, "WARN");
     assert_eq!(named[0].1["upstream.addr"], own.to_string());

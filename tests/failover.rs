@@ -1147,14 +1147,7 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("resolv.conf");
     std::fs::write(&conf, "nameserver 127.0.0.41\nsearch test\n").unwrap();
-    let resolver = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::with_system_conf(
-            &resolver_config(vec![], Family::Ipv4),
-            &conf,
-            one.addr.port(),
-        )
-        .expect("resolver from resolv.conf"),
-    );
+    let resolver = from_resolv_conf(&conf, Family::Ipv4, one.addr.port());
     let resolve = |alias: &str| {
         let alias = Alias::parse(alias).unwrap();
         let resolver = &resolver;
@@ -1187,6 +1180,23 @@ async fn a_changed_resolv_conf_is_followed_by_the_next_query() {
     assert_eq!(resolve("cluster.test").await.unwrap(), vec![ip(51)]);
 }
 
+/// A resolver with no nameservers of its own, so following the resolv.conf
+/// at `conf`, whose servers it asks on `port`.
+fn from_resolv_conf(
+    conf: &std::path::Path,
+    family: failover_proxy::config::Family,
+    port: u16,
+) -> std::sync::Arc<failover_proxy::resolve::Resolver> {
+    std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::with_system_conf(
+            &resolver_config(vec![], family),
+            conf,
+            port,
+        )
+        .expect("resolver from resolv.conf"),
+    )
+}
+
 #[tokio::test]
 async fn resolv_conf_options_use_vc_and_no_aaaa_are_followed() {
     use failover_proxy::config::{Alias, Family};
@@ -1200,14 +1210,7 @@ async fn resolv_conf_options_use_vc_and_no_aaaa_are_followed() {
     let dir = tempfile::tempdir().unwrap();
     let conf = dir.path().join("resolv.conf");
     std::fs::write(&conf, "nameserver 127.0.0.1\noptions no-aaaa\n").unwrap();
-    let resolver = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::with_system_conf(
-            &resolver_config(vec![], Family::Any),
-            &conf,
-            dns.port(),
-        )
-        .expect("resolver from resolv.conf"),
-    );
+    let resolver = from_resolv_conf(&conf, Family::Any, dns.port());
     let alias = Alias::parse("cluster.test").unwrap();
     let resolve = || async {
         let r = within("resolution", resolver.resolve(&alias)).await;

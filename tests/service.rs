@@ -222,16 +222,33 @@ async fn sd_notify_says_ready_reloading_and_stopping_at_the_right_moments() {
 
 /// The binary run by systemd-socket-activate on a free port of each of
 /// `ips`, started by a first connection to the first, whose backend
-/// answers `first_id`; `cfg(addrs)` writes the config for the chosen
-/// addresses. With `holder`, a second process keeps copies of the sockets
-/// for as long as the proxy runs, as systemd does: closing the proxy's
-/// copy then does not close a socket. None when the tool could not bind
-/// the ports (another process took one between the probe and the bind).
+/// answers `first_id`; `config(addrs)` is the config for the chosen
+/// addresses, written to `dir/proxy.toml`. With `holder`, a second process
+/// keeps copies of the sockets for as long as the proxy runs, as systemd
+/// does: closing the proxy's copy then does not close a socket. Other
+/// ports are tried when the tool cannot bind the chosen ones (another
+/// process took one between the probe and the bind).
 async fn activated(
     ips: &[u8],
     holder: bool,
     first_id: &str,
-    cfg: impl Fn(&[SocketAddr]) -> std::path::PathBuf,
+    dir: &Path,
+    config: impl Fn(&[SocketAddr]) -> String,
+) -> (Running, Vec<SocketAddr>) {
+    for _ in 0..5 {
+        if let Some(started) = activate_once(ips, holder, first_id, dir, &config).await {
+            return started;
+        }
+    }
+    panic!("could not start systemd-socket-activate on free ports");
+}
+
+async fn activate_once(
+    ips: &[u8],
+    holder: bool,
+    first_id: &str,
+    dir: &Path,
+    config: &impl Fn(&[SocketAddr]) -> String,
 ) -> Option<(Running, Vec<SocketAddr>)> {
     let addrs: Vec<SocketAddr> = ips
         .iter()
@@ -242,7 +259,8 @@ async fn activated(
                 .unwrap()
         })
         .collect();
-    let cfg = cfg(&addrs);
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(&cfg, config(&addrs)).unwrap();
     let mut cmd = std::process::Command::new("systemd-socket-activate");
     for a in &addrs {
         cmd.arg("-l").arg(a.to_string());
@@ -289,25 +307,15 @@ async fn sockets_passed_by_systemd_are_taken_by_address_and_one_no_route_serves_
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.147 pa.test\n").unwrap();
-    let write = |a: &[SocketAddr]| {
-        let cfg = dir.path().join("proxy.toml");
+    let config = |a: &[SocketAddr]| {
         let admin = format!("[admin]\nlisten = \"{}\"", a[2]);
-        std::fs::write(
-            &cfg,
-            format!(
-                "{}{}",
-                route("pa", &a[0].to_string(), "pa.test", bk.addr.port()),
-                tail(&hosts).replace("[admin]\nlisten = \"\"", &admin)
-            ),
+        format!(
+            "{}{}",
+            route("pa", &a[0].to_string(), "pa.test", bk.addr.port()),
+            tail(&hosts).replace("[admin]\nlisten = \"\"", &admin)
         )
-        .unwrap();
-        cfg
     };
-    let (mut p, addrs) = loop {
-        if let Some(started) = activated(&[148, 149, 150], true, "pa", write).await {
-            break started;
-        }
-    };
+    let (mut p, addrs) = activated(&[148, 149, 150], true, "pa", dir.path(), config).await;
     // The admin endpoint takes its socket too: binding its own would fail.
     assert_eq!(http_get(addrs[2], "/healthz").await.0, 200);
     // systemd keeps listening on the second address whatever the proxy
@@ -351,7 +359,6 @@ async fn a_route_on_a_socket_from_systemd_refuses_once_removed_and_can_come_back
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.151 rb.test\n127.0.0.152 other.test\n").unwrap();
-    let cfg = dir.path().join("proxy.toml");
     let with = |a: SocketAddr| {
         format!(
             "{}{}",
@@ -359,16 +366,9 @@ async fn a_route_on_a_socket_from_systemd_refuses_once_removed_and_can_come_back
             tail(&hosts)
         )
     };
-    let (p, addrs) = loop {
-        let write = |a: &[SocketAddr]| {
-            std::fs::write(&cfg, with(a[0])).unwrap();
-            cfg.clone()
-        };
-        if let Some(started) = activated(&[153], true, "rb", write).await {
-            break started;
-        }
-    };
+    let (p, addrs) = activated(&[153], true, "rb", dir.path(), |a| with(a[0])).await;
     let a = addrs[0];
+    let cfg = dir.path().join("proxy.toml");
 
     // Removed: systemd still listens there, so a client must be refused
     // rather than handed a connection that nothing answers.
@@ -403,21 +403,14 @@ async fn socket_activation_serves_on_the_inherited_socket() {
     let dir = tempfile::tempdir().unwrap();
     let hosts = dir.path().join("hosts");
     std::fs::write(&hosts, "127.0.0.89 sa.test\n").unwrap();
-    let write = |a: &[SocketAddr]| {
-        let cfg = dir.path().join("proxy.toml");
-        let text = format!(
+    let config = |a: &[SocketAddr]| {
+        format!(
             "{}{}",
             route("sa", &a[0].to_string(), "sa.test", bk.addr.port()),
             tail(&hosts)
-        );
-        std::fs::write(&cfg, text).unwrap();
-        cfg
+        )
     };
-    let (p, addrs) = loop {
-        if let Some(started) = activated(&[90], false, "sa", write).await {
-            break started;
-        }
-    };
+    let (p, addrs) = activated(&[90], false, "sa", dir.path(), config).await;
     p.wait_line("using the socket passed by systemd");
     assert_eq!(id_via(addrs[0]).await, "sa");
 }
