@@ -485,9 +485,11 @@ impl Server {
         drain: &mpsc::Sender<()>,
     ) {
         let old = &self.config;
-        if new.admin != old.admin || new.runtime != old.runtime || new.log != old.log {
+        let restart = restart_only(old, &new);
+        if !restart.is_empty() {
             tracing::warn!(
-                "reload: admin, log and runtime settings take effect only after a restart"
+                keys = %restart.join(", "),
+                "reload: these settings take effect only after a restart; the running values stay"
             );
         }
         // Built now, installed once every new listener is bound: a failure
@@ -567,13 +569,51 @@ impl Server {
             let route = Arc::new(Route::new(rc, new.health.clone(), None));
             slots.insert(configured, self.start_slot(route, l, drain));
         }
-        self.shared.write().unwrap_or_else(|p| p.into_inner()).own = Arc::new(OwnListeners(own));
+        {
+            let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
+            shared.own = Arc::new(OwnListeners(own));
+            shared.relay = new.runtime.relay;
+        }
         *order = keep;
         self.publish_routes(slots, order);
+        if new.log.level != old.log.level {
+            match logging::set_level(&new.log.level) {
+                Ok(logging::LevelChange::Applied) => {
+                    tracing::info!(log.level = %new.log.level, "reload: log level changed");
+                }
+                Ok(logging::LevelChange::EnvWins) => {
+                    tracing::warn!(log.level = %new.log.level, "reload: log.level not applied: RUST_LOG is set and wins");
+                }
+                Err(e) => tracing::error!(error = %e, "reload: log level not changed"),
+            }
+        }
         tracing::info!(routes = order.len(), "configuration reloaded");
         limits::warn_if_short(&new.routes);
+        // What runs, so that the next reload compares against it.
+        let mut new = new;
+        new.admin = old.admin.clone();
+        new.log.format = old.log.format;
+        new.runtime.worker_threads = old.runtime.worker_threads;
         self.config = new;
     }
+}
+
+/// The changed settings that only a restart applies, by key.
+fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut keys = Vec::new();
+    if new.admin.listen != old.admin.listen {
+        keys.push("admin.listen");
+    }
+    if new.admin.allow_non_loopback != old.admin.allow_non_loopback {
+        keys.push("admin.allow_non_loopback");
+    }
+    if new.log.format != old.log.format {
+        keys.push("log.format");
+    }
+    if new.runtime.worker_threads != old.runtime.worker_threads {
+        keys.push("runtime.worker_threads");
+    }
+    keys
 }
 
 /// A mutex's data even if a thread panicked while holding it: every lock in
@@ -584,12 +624,17 @@ pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// "what failed: why: deeper why", the whole cause chain on one line.
+/// Some libraries put their cause in their own message too (a `RUST_LOG`
+/// parse error did); a cause the line already ends with is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
@@ -660,9 +705,51 @@ impl Signals {
 
 #[cfg(test)]
 mod tests {
-    use super::passed_hint;
+    use super::{error_chain, passed_hint};
     use std::io;
     use std::net::SocketAddr;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("{text}")]
+    struct Layer {
+        text: &'static str,
+        #[source]
+        source: Option<Box<Layer>>,
+    }
+
+    fn layers(texts: &[&'static str]) -> Layer {
+        texts
+            .iter()
+            .rev()
+            .fold(None, |source, &text| {
+                Some(Layer {
+                    text,
+                    source: source.map(Box::new),
+                })
+            })
+            .expect("one layer at least")
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        assert_eq!(
+            error_chain(&layers(&[
+                "cannot listen on 127.0.0.1:1",
+                "permission denied"
+            ])),
+            "cannot listen on 127.0.0.1:1: permission denied"
+        );
+        // A message that ends with its cause's text: said once.
+        assert_eq!(
+            error_chain(&layers(&[
+                "RUST_LOG=\"x=y\" is not a log filter",
+                "invalid level: expected info",
+                "expected info",
+                "expected info",
+            ])),
+            "RUST_LOG=\"x=y\" is not a log filter: invalid level: expected info"
+        );
+    }
 
     #[test]
     fn a_port_held_by_a_socket_systemd_passed_on_another_address_is_named() {

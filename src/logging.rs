@@ -31,6 +31,35 @@ const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
+/// Replaces the installed filter. A closure, because the reload handle's
+/// type names the line format, which differs between text and JSON.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// Set by `init` when `log.level` governs the filter; unset when
+/// `RUST_LOG` does (it wins, so a reload leaves it) or nothing is
+/// installed (unit tests).
+static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+
+/// What a reload did with `log.level`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum LevelChange {
+    Applied,
+    /// `RUST_LOG` is set: it wins over the file, at start and at reload.
+    EnvWins,
+}
+
+/// Applies a new `log.level` (validated when the configuration was
+/// loaded), so that a reload can turn on `debug` without a restart, which
+/// would drain every open connection.
+pub fn set_level(level: &str) -> Result<LevelChange, String> {
+    let Some(set) = SET_FILTER.get() else {
+        return Ok(LevelChange::EnvWins);
+    };
+    let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
+    set(filter)?;
+    Ok(LevelChange::Applied)
+}
+
 /// Log lines dropped so far because the log reader did not keep up.
 pub fn dropped_lines() -> u64 {
     DROPPED
@@ -77,7 +106,9 @@ pub enum LogError {
 /// passed in so that the rule "the variable wins" is testable. Keep the
 /// guard until the process ends.
 pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogError> {
-    let filter = match rust_log.filter(|v| !v.is_empty()) {
+    let rust_log = rust_log.filter(|v| !v.is_empty());
+    let from_file = rust_log.is_none();
+    let filter = match rust_log {
         Some(value) => {
             EnvFilter::try_new(&value).map_err(|source| LogError::BadEnv { value, source })?
         }
@@ -96,22 +127,42 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
         .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let format = tracing_subscriber::fmt::format().with_target(false);
-    let result = match cfg.format {
-        LogFormat::Text => builder
-            .event_format(Prioritised {
-                inner: format,
-                journal,
-            })
-            .try_init(),
-        LogFormat::Json => builder
-            .fmt_fields(JsonFields::new())
-            .event_format(Prioritised {
-                inner: format.json().flatten_event(true),
-                journal,
-            })
-            .try_init(),
+    // The filter sits behind a reload layer: one uncontended read lock per
+    // enabled event. Disabled call sites are cached as such by tracing and
+    // never reach it, and a reload rebuilds that cache.
+    let (result, set): (_, SetFilter) = match cfg.format {
+        LogFormat::Text => {
+            let b = builder
+                .event_format(Prioritised {
+                    inner: format,
+                    journal,
+                })
+                .with_filter_reloading();
+            let handle = b.reload_handle();
+            (
+                b.try_init(),
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+            )
+        }
+        LogFormat::Json => {
+            let b = builder
+                .fmt_fields(JsonFields::new())
+                .event_format(Prioritised {
+                    inner: format.json().flatten_event(true),
+                    journal,
+                })
+                .with_filter_reloading();
+            let handle = b.reload_handle();
+            (
+                b.try_init(),
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+            )
+        }
     };
     result.map_err(|e| LogError::Install(e.to_string()))?;
+    if from_file {
+        let _ = SET_FILTER.set(set);
+    }
     let _ = DROPPED.set(dropped);
     Ok(LogGuard(Some(worker)))
 }

@@ -289,7 +289,7 @@ fn pipes_of(pid: u32) -> usize {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn relay_copy_moves_bulk_data_without_pipes_and_splice_with_them() {
+async fn relay_copy_moves_bulk_data_without_pipes_and_splice_with_them_and_a_reload_switches() {
     let b = backend(ip(37), "b").await;
     for (relay, piped) in [("copy", false), ("splice", true)] {
         let dir = tempfile::tempdir().unwrap();
@@ -311,6 +311,19 @@ async fn relay_copy_moves_bulk_data_without_pipes_and_splice_with_them() {
             piped,
             "relay = {relay}: {before} pipes, then {after}"
         );
+        if relay == "copy" {
+            // A reload applies the relay to the next connections.
+            let text = std::fs::read_to_string(&cfg).unwrap();
+            std::fs::write(&cfg, text.replace("\"copy\"", "\"splice\"")).unwrap();
+            p.signal("HUP");
+            p.wait_line("configuration reloaded");
+            echo_bulk(addr, 4 << 20).await;
+            let reloaded = pipes_of(p.child.id());
+            assert!(
+                reloaded > after,
+                "after a reload to splice: {after} pipes, then {reloaded}"
+            );
+        }
     }
 }
 
@@ -1170,4 +1183,98 @@ async fn an_alias_that_answers_with_the_proxy_itself_is_named_once_not_per_conne
     assert_eq!(named[0].0, "WARN");
     assert_eq!(named[0].1["upstream.addr"], own.to_string());
     assert!(!lines.iter().any(|l| l.contains("failover:")), "{lines:#?}");
+}
+
+/// Sets `log.level` in a config written by [`write_config`].
+fn set_log_level(cfg: &Path, level: &str) {
+    let text = std::fs::read_to_string(cfg).unwrap();
+    let mut out = String::new();
+    for line in text.lines().filter(|l| !l.starts_with("level = ")) {
+        out.push_str(line);
+        out.push('\n');
+        if line == "[log]" {
+            out.push_str(&format!("level = {level:?}\n"));
+        }
+    }
+    std::fs::write(cfg, out).unwrap();
+}
+
+/// Waits until the route of [`write_config`] has no open connection:
+/// its connection lines are written before the gauge goes down.
+async fn no_connection_open(admin: std::net::SocketAddr) {
+    eventually("no open connection", || async {
+        sample(
+            &scrape(admin).await,
+            "failover_proxy_connections_active",
+            &[("route", "cluster.test")],
+        ) == Some(0.0)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_changes_the_log_level_and_names_the_keys_that_need_a_restart() {
+    let b = backend(ip(167), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        ip(167),
+        b.addr.port(),
+        "[health]\ninterval = \"0s\"\n",
+    );
+    // The start-up lines, without the connections' own.
+    let quiet = "warn,failover_proxy=info,failover_proxy::route=warn";
+    set_log_level(&cfg, quiet);
+    for rust_log in [None, Some(quiet)] {
+        let mut cmd = bin();
+        cmd.arg("-c").arg(&cfg);
+        if let Some(v) = rust_log {
+            cmd.env("RUST_LOG", v);
+        }
+        let mut p = Running::spawn_with(&mut cmd);
+        let addr = listen_addr(&p.wait_line("\"listening\""));
+        let admin = listen_addr(&p.wait_line("admin endpoint listening"));
+        exchange(addr, b"quiet").await;
+        no_connection_open(admin).await;
+
+        // A level, and two settings only a restart applies.
+        set_log_level(&cfg, "info");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("format = \"json\"", "format = \"text\"");
+        std::fs::write(&cfg, format!("{text}\n[runtime]\nworker_threads = 1\n")).unwrap();
+        p.signal("HUP");
+        let mut lines = p.lines_until("configuration reloaded");
+        let restart = logged(&lines, "only after a restart");
+        assert_eq!(restart.len(), 1, "{lines:?}");
+        assert_eq!(restart[0].0, "WARN");
+        assert_eq!(restart[0].1["keys"], "log.format, runtime.worker_threads");
+
+        let (_, client) = exchange(addr, b"loud").await;
+        no_connection_open(admin).await;
+        stop_cleanly(&mut p, &mut lines);
+        // Still JSON: the format stays until a restart.
+        let closed = logged(&lines, "connection closed");
+        if rust_log.is_none() {
+            let changed = logged(&lines, "log level changed");
+            assert_eq!(changed.len(), 1, "{lines:?}");
+            assert_eq!(changed[0].0, "INFO");
+            assert_eq!(changed[0].1["log.level"], "info");
+            // Only the connection made after the reload is logged.
+            assert_eq!(closed.len(), 1, "{lines:?}");
+            assert_eq!(closed[0].1["client.addr"], client.to_string());
+        } else {
+            let kept = logged(&lines, "RUST_LOG is set and wins");
+            assert_eq!(kept.len(), 1, "{lines:?}");
+            assert_eq!(kept[0].0, "WARN");
+            assert!(closed.is_empty(), "{lines:?}");
+        }
+        // Back to the start for the next round.
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("format = \"text\"", "format = \"json\"")
+            .replace("\n[runtime]\nworker_threads = 1\n", "");
+        std::fs::write(&cfg, text).unwrap();
+        set_log_level(&cfg, quiet);
+    }
 }
