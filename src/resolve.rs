@@ -8,21 +8,26 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use hickory_resolver::TokioResolver;
 use hickory_resolver::config::{
     NameServerConfig, ProtocolConfig, ResolveHosts, ResolverConfig as DnsConfig, ResolverOpts,
 };
 use hickory_resolver::lookup::Lookup;
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
+use hickory_resolver::net::runtime::iocompat::AsyncIoTokioAsStd;
+use hickory_resolver::net::runtime::{
+    DnsUdpSocket, RuntimeProvider, TokioHandle, TokioRuntimeProvider, TokioTime,
+};
 use hickory_resolver::net::{DnsError, NetError};
 use hickory_resolver::proto::op::ResponseCode;
 use hickory_resolver::proto::rr::{RData, RecordType};
+use tokio::io::Interest;
 
 use crate::config::{Alias, Family, ResolverConfig};
 use crate::lock;
@@ -86,7 +91,12 @@ pub enum ResolveError {
     Timeout { alias: String, after: Duration },
     #[error("dns server failure resolving {alias} (servfail)")]
     ServFail { alias: String },
-    #[error("resolving {alias} failed")]
+    /// A server refused (its port closed: ICMP says so at once) or could
+    /// not be reached (no route), and none answered. hickory keeps no
+    /// detail of which server, or which of the two.
+    #[error("resolving {alias}: dns server refused or unreachable (asked {servers})")]
+    Unreachable { alias: String, servers: String },
+    #[error("resolving {alias} failed: {source}")]
     Other {
         alias: String,
         #[source]
@@ -131,7 +141,9 @@ impl ResolveError {
             ResolveError::NoRecords { .. } => ResolveErrorKind::NoRecords,
             ResolveError::Timeout { .. } => ResolveErrorKind::Timeout,
             ResolveError::ServFail { .. } => ResolveErrorKind::ServFail,
-            ResolveError::Other { .. } => ResolveErrorKind::Other,
+            ResolveError::Unreachable { .. } | ResolveError::Other { .. } => {
+                ResolveErrorKind::Other
+            }
         }
     }
 }
@@ -655,6 +667,14 @@ impl Resolver {
             Some(NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))) => {
                 Err(ResolveError::ServFail { alias: alias() })
             }
+            Some(NetError::NoConnections | NetError::Io(_)) => Err(ResolveError::Unreachable {
+                alias: alias(),
+                servers: servers
+                    .iter()
+                    .map(|r| r.at.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
             Some(source) => Err(ResolveError::Other {
                 alias: alias(),
                 source,
@@ -720,14 +740,17 @@ fn addresses(lookup: &Lookup) -> impl Iterator<Item = IpAddr> + '_ {
 /// only once every server has failed, as the system resolver moves on to
 /// the next server after one.
 async fn lookup(
-    servers: &[TokioResolver],
+    servers: &[DnsResolver],
     name: &str,
     rtype: RecordType,
 ) -> Result<Lookup, NetError> {
     if let [one] = servers {
-        return one.lookup(name, rtype).await;
+        return one.resolver.lookup(name, rtype).await;
     }
-    let mut asks: FuturesUnordered<_> = servers.iter().map(|r| r.lookup(name, rtype)).collect();
+    let mut asks: FuturesUnordered<_> = servers
+        .iter()
+        .map(|r| r.resolver.lookup(name, rtype))
+        .collect();
     let mut failure = None;
     while let Some(r) = asks.next().await {
         match r {
@@ -754,9 +777,124 @@ fn on_port(mut ns: NameServerConfig, port: u16) -> NameServerConfig {
 /// The DNS servers a resolver asks.
 enum Nameservers {
     /// `resolver.nameservers`: fixed for the resolver's life.
-    Listed(Arc<[TokioResolver]>),
+    Listed(Arc<[DnsResolver]>),
     /// Those of resolv.conf, followed when the file changes.
     System(Box<SystemConf>),
+}
+
+/// One DNS server: a hickory resolver on [`ConnectedUdp`] that asks it
+/// alone, and its address, for errors.
+struct DnsResolver {
+    at: SocketAddr,
+    resolver: hickory_resolver::Resolver<ConnectedUdp>,
+}
+
+/// Tokio's provider, with each UDP query's socket connected to its server.
+/// On an unconnected socket (hickory's default) the ICMP "port
+/// unreachable" of a server whose port is closed (a local dnsmasq or
+/// systemd-resolved stopped, a wrong port in `nameservers`) is never seen:
+/// every connection waited the whole `resolver.timeout` for it, then got
+/// "timed out". glibc connects its socket, and so fails at once with
+/// "connection refused"; so does this. hickory makes a socket per query and
+/// sends only to that server, so the connection changes nothing else.
+#[derive(Clone, Default)]
+struct ConnectedUdp(TokioRuntimeProvider);
+
+impl RuntimeProvider for ConnectedUdp {
+    type Handle = TokioHandle;
+    type Timer = TokioTime;
+    type Udp = ConnectedSocket;
+    type Tcp = AsyncIoTokioAsStd<tokio::net::TcpStream>;
+
+    fn create_handle(&self) -> Self::Handle {
+        self.0.create_handle()
+    }
+
+    fn connect_tcp(
+        &self,
+        server_addr: SocketAddr,
+        bind_addr: Option<SocketAddr>,
+        timeout: Option<Duration>,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Tcp>>>> {
+        self.0.connect_tcp(server_addr, bind_addr, timeout)
+    }
+
+    fn bind_udp(
+        &self,
+        local_addr: SocketAddr,
+        server_addr: SocketAddr,
+    ) -> Pin<Box<dyn Send + Future<Output = io::Result<Self::Udp>>>> {
+        Box::pin(async move {
+            let socket = tokio::net::UdpSocket::bind(local_addr).await?;
+            socket.connect(server_addr).await?;
+            Ok(ConnectedSocket {
+                socket: Arc::new(socket),
+                waiting: Mutex::new(None),
+            })
+        })
+    }
+}
+
+type Readiness = Pin<Box<dyn Future<Output = io::Result<tokio::io::Ready>> + Send>>;
+
+/// A connected UDP socket whose receive also wakes for a socket error.
+/// The kernel reports an ICMP error on a UDP socket as EPOLLERR alone,
+/// which tokio's receive, waiting for readability, never wakes for.
+struct ConnectedSocket {
+    socket: Arc<tokio::net::UdpSocket>,
+    /// The wait for an answer or an error, kept across polls.
+    waiting: Mutex<Option<Readiness>>,
+}
+
+impl DnsUdpSocket for ConnectedSocket {
+    type Time = TokioTime;
+
+    fn poll_recv_from(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<(usize, SocketAddr)>> {
+        let mut waiting = lock(&self.waiting);
+        loop {
+            match self.socket.try_recv_from(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                done => {
+                    *waiting = None;
+                    return Poll::Ready(done);
+                }
+            }
+            let ready = waiting.get_or_insert_with(|| {
+                let socket = self.socket.clone();
+                Box::pin(async move { socket.ready(Interest::READABLE | Interest::ERROR).await })
+            });
+            let ready = match ready.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(r) => r,
+            };
+            *waiting = None;
+            if ready?.is_error() {
+                // tokio's receive tries the socket only once it is
+                // readable, so the error is taken here.
+                if let Some(e) = self.socket.take_error()? {
+                    return Poll::Ready(Err(e));
+                }
+                // None left to report: clear the readiness, or the wait
+                // would end at once again.
+                let _ = self.socket.try_io(Interest::ERROR, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+            }
+        }
+    }
+
+    fn poll_send_to(
+        &self,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+        target: SocketAddr,
+    ) -> Poll<io::Result<usize>> {
+        self.socket.poll_send_to(cx, buf, target)
+    }
 }
 
 /// One hickory resolver per nameserver, in the given order, with no cache.
@@ -769,7 +907,7 @@ fn build(
     dns_cfg: &DnsConfig,
     mut opts: ResolverOpts,
     timeout: Duration,
-) -> Result<Arc<[TokioResolver]>, BuildError> {
+) -> Result<Arc<[DnsResolver]>, BuildError> {
     // No cache at all: a changed record must be seen by the next
     // connection whatever its TTL (SPEC: Resolution 1).
     opts.cache_size = 0;
@@ -789,12 +927,14 @@ fn build(
                 dns_cfg.search().to_vec(),
                 vec![ns.clone()],
             );
-            let mut builder = hickory_resolver::Resolver::builder_with_config(
-                one,
-                TokioRuntimeProvider::default(),
-            );
+            let port = ns.connections.first().map_or(53, |c| c.port);
+            let mut builder =
+                hickory_resolver::Resolver::builder_with_config(one, ConnectedUdp::default());
             *builder.options_mut() = opts.clone();
-            builder.build().map_err(BuildError::Build)
+            Ok(DnsResolver {
+                at: SocketAddr::new(ns.ip, port),
+                resolver: builder.build().map_err(BuildError::Build)?,
+            })
         })
         .collect()
 }
@@ -922,7 +1062,7 @@ impl SystemConf {
     /// The stat, and the read after a change, are blocking calls on a
     /// small local file, made once per DNS query (not per connection: the
     /// hosts file may answer first, and connections share queries).
-    fn current(&self, name: &str) -> (Arc<[TokioResolver]>, bool) {
+    fn current(&self, name: &str) -> (Arc<[DnsResolver]>, bool) {
         let mut st = lock(&self.state);
         match self.refresh(&mut st) {
             Ok(()) => st.last_error = None,
@@ -964,7 +1104,7 @@ impl SystemConf {
 /// addresses (for the log), and the options the queries follow
 /// (`ndots`, and how many search domains the file names, for the log).
 struct Parsed {
-    servers: Arc<[TokioResolver]>,
+    servers: Arc<[DnsResolver]>,
     ips: Vec<IpAddr>,
     options: Options,
     ndots: usize,

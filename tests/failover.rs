@@ -1258,3 +1258,54 @@ fn resolv_conf_problems_at_start_name_the_file() {
         "{none}"
     );
 }
+
+#[tokio::test]
+async fn a_dns_server_whose_port_is_closed_fails_the_resolution_at_once_naming_it() {
+    use failover_proxy::config::{Alias, Family};
+    use failover_proxy::resolve::ResolveErrorKind;
+
+    // A local resolver that is stopped: its port answers with ICMP port
+    // unreachable, as glibc sees at once. Waiting for a reply that cannot
+    // come held every connection for the whole timeout, longer than HANG.
+    let closed = std::net::UdpSocket::bind((ip(168), 0)).unwrap();
+    let dns = closed.local_addr().unwrap();
+    drop(closed);
+    let r = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+            timeout: HANG * 3,
+            ..resolver_config(vec![dns], Family::Any)
+        })
+        .expect("resolver"),
+    );
+    let got = within(
+        "closed.test",
+        r.resolve(&Alias::parse("closed.test").unwrap()),
+    )
+    .await;
+    let e = got.result.expect_err("no server to answer");
+    assert_eq!(e.kind(), ResolveErrorKind::Other);
+    let text = e.to_string();
+    assert!(
+        text.contains("refused or unreachable") && text.contains(&dns.to_string()),
+        "{text}"
+    );
+    // One server closed, another answering: the answer.
+    let live = DnsServer::start().await;
+    live.records("closed.test", &[ip(168)]);
+    let r = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+            timeout: HANG * 3,
+            ..resolver_config(vec![dns, live.addr], Family::Ipv4)
+        })
+        .expect("resolver"),
+    );
+    let got = within(
+        "closed.test",
+        r.resolve(&Alias::parse("closed.test").unwrap()),
+    )
+    .await;
+    assert_eq!(
+        got.result.expect("the live server's answer").addrs,
+        vec![ip(168)]
+    );
+}
