@@ -172,6 +172,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match req.uri().path() {
         "/metrics" => {
+            crate::metrics::collect_process();
             let mut body = state.metrics.render();
             let (routes, own) = state.routes();
             let series: Vec<_> = routes

@@ -51,6 +51,19 @@ const LIFETIME_BUCKETS: &[f64] = &[
 
 static HANDLE: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new();
 
+/// The process's own figures (CPU, memory, open descriptors against the
+/// limit, threads, start time), as every Prometheus client library gives
+/// them, named with this proxy's prefix as the contract wants all names:
+/// `failover_proxy_process_open_fds`, and so on.
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+
+/// Brings the process figures up to date; called at each scrape.
+pub fn collect_process() {
+    if let Some(c) = PROCESS.get() {
+        c.collect();
+    }
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum MetricsError {
     #[error("cannot build the prometheus recorder: {0}")]
@@ -86,6 +99,9 @@ fn build_and_install() -> Result<PrometheusHandle, MetricsError> {
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
     metrics::counter!(LOG_LINES_DROPPED).absolute(crate::logging::dropped_lines());
     describe();
+    let process = metrics_process::Collector::new("failover_proxy_");
+    process.describe();
+    let _ = PROCESS.set(process);
     Ok(handle)
 }
 

@@ -1278,3 +1278,38 @@ async fn a_reload_changes_the_log_level_and_names_the_keys_that_need_a_restart()
         set_log_level(&cfg, quiet);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_process_figures_are_scraped_with_the_proxy_prefix() {
+    let b = backend(ip(169), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        ip(169),
+        b.addr.port(),
+        "[health]\ninterval = \"0s\"\n",
+    );
+    let p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    let admin = listen_addr(&p.wait_line("admin endpoint listening"));
+    let figure = |text: &str, name: &str| {
+        sample(text, &format!("failover_proxy_process_{name}"), &[])
+            .unwrap_or_else(|| panic!("no failover_proxy_process_{name} in {text}"))
+    };
+    let before = scrape(admin).await;
+    let open = figure(&before, "open_fds");
+    assert!(open > 0.0 && figure(&before, "max_fds") >= open, "{before}");
+    assert!(figure(&before, "resident_memory_bytes") > 1e6, "{before}");
+    assert!(figure(&before, "threads") >= 1.0, "{before}");
+    assert!(figure(&before, "start_time_seconds") > 1.7e9, "{before}");
+    figure(&before, "cpu_seconds_total");
+    // Ten connections held: two descriptors each, client and upstream.
+    let mut held = Vec::new();
+    for _ in 0..10 {
+        held.push(within("served", served_by(addr)).await.unwrap());
+    }
+    let during = scrape(admin).await;
+    // At least: the first scrape's admin connection may not be closed yet.
+    let now = figure(&during, "open_fds");
+    assert!((open + 20.0..=open + 21.0).contains(&now), "{open} then {now}");
+}
