@@ -361,7 +361,7 @@ impl Server {
             service::ready();
         }
 
-        service::stopping();
+        service::stopping(self.config.shutdown.drain_timeout);
         for slot in slots.values() {
             let _ = slot.stop.send(true);
             slot.probes.abort();

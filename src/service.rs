@@ -15,8 +15,20 @@ pub fn ready() {
     send(&[NotifyState::Ready], "READY=1");
 }
 
-pub fn stopping() {
-    send(&[NotifyState::Stopping], "STOPPING=1");
+/// What the exit may take past the drain: closing what is left and
+/// writing the queued log lines (at most 2 s).
+const EXIT_MARGIN: Duration = Duration::from_secs(5);
+
+/// STOPPING=1, with EXTEND_TIMEOUT_USEC for `drain` and the exit after it,
+/// so that a `shutdown.drain_timeout` longer than the unit's
+/// `TimeoutStopSec=` is waited for, not cut short by SIGKILL. systemd only
+/// ever lengthens its timeout with it (since v236; older ones ignore it).
+pub fn stopping(drain: Duration) {
+    let usec = u32::try_from((drain + EXIT_MARGIN).as_micros()).unwrap_or(u32::MAX);
+    send(
+        &[NotifyState::Stopping, NotifyState::ExtendTimeoutUsec(usec)],
+        "STOPPING=1",
+    );
 }
 
 /// RELOADING=1 must carry MONOTONIC_USEC since systemd 253, or systemd
