@@ -101,6 +101,12 @@ fn build_and_install() -> Result<PrometheusHandle, MetricsError> {
     describe();
     let process = metrics_process::Collector::new("failover_proxy_");
     process.describe();
+    // The collector computes the start from the boot time in /proc/stat,
+    // which the unit's ProcSubset=pid hides; the recorder's install, at
+    // start, stands in for it there (the collector's value wins elsewhere).
+    if let Ok(since) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        gauge!("failover_proxy_process_start_time_seconds").set(since.as_secs() as f64);
+    }
     let _ = PROCESS.set(process);
     Ok(handle)
 }
