@@ -943,13 +943,21 @@ impl Reader<'_> {
             if let Some(name) = parsed.name
                 && !names.insert(name.clone())
             {
-                self.problem(
-                    d,
-                    &prefix,
-                    "name",
-                    None,
+                // A name left out is the alias: where that came from is
+                // where to look.
+                let (value, given) = match d.get("name") {
+                    Some(v) => (Some(v), ""),
+                    None => (
+                        d.get("alias").or(Some(item)),
+                        " (its alias, as no name is set)",
+                    ),
+                };
+                self.push(
+                    value,
+                    join(&prefix, "name"),
+                    path_of(&prefix, "name"),
                     format!(
-                        "{name:?} is the name of an earlier route; names label metrics and must be unique"
+                        "{name:?}{given} is the name of an earlier route; names label metrics and must be unique"
                     ),
                 );
             }

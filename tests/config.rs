@@ -466,6 +466,14 @@ fn duplicate_listen_and_names_are_refused() {
         let keys: Vec<&str> = e.problems.iter().map(|p| p.key.as_str()).collect();
         assert!(keys.contains(&"route[1].listen"), "{keys:?}");
         assert!(keys.contains(&"route[1].name"), "{keys:?}");
+        // Each names the file, the name too, though it is the alias by
+        // default and written nowhere.
+        let file = format!("file {}", jail.directory().join("c.toml").display());
+        for p in &e.problems {
+            assert_eq!(p.source, file, "{p}");
+        }
+        let name = e.problems.iter().find(|p| p.key == "route[1].name").unwrap();
+        assert!(name.message.contains("its alias, as no name is set"), "{name}");
         Ok(())
     });
 }
