@@ -106,10 +106,16 @@ pub struct RouteState {
 /// thousands a second (11,040 in 2 s, measured), which fills disks and
 /// trips journald's rate limit, which then drops the lines that matter.
 /// The first event of an episode is logged at once, then one line a second
-/// at most with the count since the last, and one more when the episode
-/// ends, with those not logged yet.
+/// at most with the count since the last: the count of a second that saw
+/// events is logged when the second is over, whether or not more come
+/// (clients that give up would otherwise leave it unsaid until the
+/// episode ends), and one more line when the episode ends, with those not
+/// logged yet.
 #[derive(Debug, Default)]
-struct Summed {
+struct Summed(Arc<SummedInner>);
+
+#[derive(Debug, Default)]
+struct SummedInner {
     state: Mutex<SummedState>,
     /// An episode is open: the usual path checks this, not the lock.
     open: AtomicBool,
@@ -120,23 +126,42 @@ struct SummedState {
     /// Events since the last line.
     unlogged: u64,
     last_line: Option<std::time::Instant>,
+    /// A line for the events held back is due at the end of the second.
+    flush_due: bool,
+    /// Counts the episodes ended, so that a line due for one is not made
+    /// for the next.
+    episode: u64,
 }
 
 const SUMMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Summed {
     /// Counts one event: `Some(n)` when a line is due now, for `n` events
-    /// (this one and those since the last line).
-    fn count(&self) -> Option<u64> {
-        let mut st = lock(&self.state);
+    /// (this one and those since the last line). When the line is held
+    /// back, `later` makes it at the end of the second with the count by
+    /// then, unless the episode has ended (its end line says them).
+    fn count<F>(&self, later: impl FnOnce() -> F) -> Option<u64>
+    where
+        F: FnOnce(u64) + Send + 'static,
+    {
+        let mut st = lock(&self.0.state);
         st.unlogged += 1;
-        if st
-            .last_line
-            .is_some_and(|t| t.elapsed() < SUMMED_LOG_INTERVAL)
+        if let Some(t) = st.last_line
+            && t.elapsed() < SUMMED_LOG_INTERVAL
         {
+            if !st.flush_due {
+                st.flush_due = true;
+                let (inner, episode, line) = (self.0.clone(), st.episode, later());
+                tokio::spawn(async move {
+                    tokio::time::sleep_until((t + SUMMED_LOG_INTERVAL).into()).await;
+                    if let Some(n) = inner.flush(episode) {
+                        line(n);
+                    }
+                });
+            }
             return None;
         }
-        self.open.store(true, Ordering::Relaxed);
+        self.0.open.store(true, Ordering::Relaxed);
         st.last_line = Some(std::time::Instant::now());
         Some(std::mem::take(&mut st.unlogged))
     }
@@ -144,16 +169,36 @@ impl Summed {
     /// Ends an episode: `Some(n)` when one was open, `n` events not logged
     /// yet.
     fn end(&self) -> Option<u64> {
-        if !self.open.load(Ordering::Relaxed) {
+        if !self.0.open.load(Ordering::Relaxed) {
             return None;
         }
-        let mut st = lock(&self.state);
-        if !self.open.swap(false, Ordering::Relaxed) {
+        let mut st = lock(&self.0.state);
+        if !self.0.open.swap(false, Ordering::Relaxed) {
             return None;
         }
         let n = st.unlogged;
-        *st = SummedState::default();
+        *st = SummedState {
+            episode: st.episode.wrapping_add(1),
+            ..SummedState::default()
+        };
         Some(n)
+    }
+}
+
+impl SummedInner {
+    /// The events held back, when the line for them is due and still
+    /// theirs to make.
+    fn flush(&self, episode: u64) -> Option<u64> {
+        let mut st = lock(&self.state);
+        if st.episode != episode || !st.flush_due {
+            return None;
+        }
+        st.flush_due = false;
+        if st.unlogged == 0 {
+            return None;
+        }
+        st.last_line = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut st.unlogged))
     }
 }
 
@@ -222,7 +267,20 @@ impl Route {
         m.resolved(r.via, r.elapsed, error);
         if let Some(e) = &r.stale_because {
             m.stale.increment(1);
-            if let Some(n) = self.state.stale_log.count() {
+            let later = || {
+                let (name, alias, error) =
+                    (self.cfg.name.clone(), self.cfg.alias.clone(), e.to_string());
+                move |n: u64| {
+                    tracing::warn!(
+                        route = %name,
+                        alias = %alias,
+                        error = %error,
+                        stale_answers = n,
+                        "dns failed; using the last good answer"
+                    );
+                }
+            };
+            if let Some(n) = self.state.stale_log.count(later) {
                 tracing::warn!(
                     route = %self.cfg.name,
                     alias = %self.cfg.alias,
@@ -476,7 +534,25 @@ async fn resolve_and_connect(
             a
         }
         Err(e) => {
-            if let Some(n) = st.unresolved_log.count() {
+            let later = || {
+                let (name, alias, error, kind) = (
+                    cfg.name.clone(),
+                    cfg.alias.clone(),
+                    e.to_string(),
+                    e.kind().as_str(),
+                );
+                move |n: u64| {
+                    tracing::warn!(
+                        route = %name,
+                        alias = %alias,
+                        error = %error,
+                        error.kind = kind,
+                        resets = n,
+                        "connection reset: alias did not resolve"
+                    );
+                }
+            };
+            if let Some(n) = st.unresolved_log.count(later) {
                 tracing::warn!(
                     route = %cfg.name,
                     client.addr = %peer.0,
@@ -521,7 +597,18 @@ async fn resolve_and_connect(
     }
 
     let Some((upstream, addr)) = connected else {
-        if let Some(n) = st.unreachable_log.count() {
+        let later = || {
+            let (name, tried) = (cfg.name.clone(), AttemptsDisplay(&attempts).to_string());
+            move |n: u64| {
+                tracing::warn!(
+                    route = %name,
+                    attempts = %tried,
+                    resets = n,
+                    "connection reset: no server reachable"
+                );
+            }
+        };
+        if let Some(n) = st.unreachable_log.count(later) {
             tracing::warn!(
                 route = %cfg.name,
                 client.addr = %peer.0,

@@ -1311,5 +1311,45 @@ async fn the_process_figures_are_scraped_with_the_proxy_prefix() {
     let during = scrape(admin).await;
     // At least: the first scrape's admin connection may not be closed yet.
     let now = figure(&during, "open_fds");
-    assert!((open + 20.0..=open + 21.0).contains(&now), "{open} then {now}");
+    assert!(
+        (open + 20.0..=open + 21.0).contains(&now),
+        "{open} then {now}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resets_held_back_are_logged_when_their_second_is_over_though_none_follow() {
+    // Clients that give up during an outage: the resets after the first
+    // line are not left unsaid until the outage ends, hours on, maybe.
+    const N: u64 = 30;
+    let dns = DnsServer::start().await;
+    dns.set("cluster.test", Behavior::NxDomain);
+    let (_server, at) = refusing(ip(170));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_dns_config(dir.path(), dns.addr, at.port(), "");
+    let p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    p.wait_line("alias does not resolve yet");
+    for (kind, ends) in [
+        ("connection reset: alias did not resolve", false),
+        ("connection reset: no server reachable", true),
+    ] {
+        for _ in 0..N {
+            assert_reset(addr).await;
+        }
+        // No more connections, no recovery: the WARN lines alone come to
+        // every reset (the first at once, the rest a second on).
+        let mut counted = 0;
+        while counted < N {
+            let line = p.wait_line(kind);
+            let (level, f) = log_fields(&line);
+            assert_eq!(level, "WARN", "{line}");
+            counted += f["resets"].as_u64().expect("resets field");
+        }
+        assert_eq!(counted, N, "{kind}");
+        if !ends {
+            // The alias resolves again, to a refusing server.
+            dns.set("cluster.test", Behavior::Records(vec![at.ip()], 0));
+        }
+    }
 }

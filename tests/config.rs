@@ -472,8 +472,15 @@ fn duplicate_listen_and_names_are_refused() {
         for p in &e.problems {
             assert_eq!(p.source, file, "{p}");
         }
-        let name = e.problems.iter().find(|p| p.key == "route[1].name").unwrap();
-        assert!(name.message.contains("its alias, as no name is set"), "{name}");
+        let name = e
+            .problems
+            .iter()
+            .find(|p| p.key == "route[1].name")
+            .unwrap();
+        assert!(
+            name.message.contains("its alias, as no name is set"),
+            "{name}"
+        );
         Ok(())
     });
 }
