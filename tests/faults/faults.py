@@ -206,7 +206,8 @@ def query_a(port, name):
 
 class Proxy:
     def __init__(self, tmp, dns, extra_route="", resolver_extra="", hosts_file="", dns_port=None,
-                 dns_ports=None, uid=None, listen_ip="127.0.0.1", port=None, server_port=None):
+                 dns_ports=None, uid=None, listen_ip="127.0.0.1", port=None, server_port=None,
+                 wrap=()):
         self.port = port or free_port()
         self.admin = free_port()
         self.cfg = tmp / f"proxy-{self.port}.toml"
@@ -247,7 +248,8 @@ level = "warn"
             for path, mode in ((tmp, 0o755), (binary, 0o755), (self.cfg, 0o644)):
                 path.chmod(mode)
             who = {"user": uid, "group": uid, "extra_groups": []}
-        self.proc = subprocess.Popen([str(binary), "-c", str(self.cfg)], stdout=self.log,
+        # `wrap`: a command that execs the rest (a shell line's "$@").
+        self.proc = subprocess.Popen([*wrap, str(binary), "-c", str(self.cfg)], stdout=self.log,
                                      stderr=self.log, **who)
         eventually("proxy listening", lambda: can_connect(self.port))
 
@@ -783,6 +785,40 @@ def small_pipes(tmp, dns):
         a.stop()
 
 
+def proc_subset_pid(tmp, dns):
+    """Under the unit's ProcSubset=pid (and ProtectProc=invisible), /proc
+    shows process directories only: /proc/stat, with the boot time, is
+    gone. Every process series is still scraped.
+
+    The collector derived the start time from that boot time, and the
+    series was missing under the shipped unit."""
+    a = Backend(A, SERVER_PORT, "a")
+    dns.set(f"{A} cluster.test\n")
+    # A mount namespace of its own (unshare makes its mounts private), so
+    # the host's /proc is untouched.
+    wrap = ["unshare", "-m", "sh", "-c",
+            'mount -t proc -o subset=pid,hidepid=invisible proc /proc '
+            '&& test ! -e /proc/stat && exec "$@"', "sh"]
+    p = Proxy(tmp, dns, wrap=wrap)
+    try:
+        assert served_by(p.port, timeout=HANG)[0] == "a"
+        body = http_get(p.admin, "/metrics")
+        got = {line.split(" ")[0]: float(line.rsplit(" ", 1)[1])
+               for line in body.splitlines()
+               if line.startswith("failover_proxy_process_")}
+        want = ["cpu_seconds_total", "resident_memory_bytes", "virtual_memory_bytes",
+                "virtual_memory_max_bytes", "open_fds", "max_fds", "threads",
+                "start_time_seconds"]
+        missing = [w for w in want if f"failover_proxy_process_{w}" not in got]
+        assert not missing, f"missing under ProcSubset=pid: {missing}"
+        start = got["failover_proxy_process_start_time_seconds"]
+        assert abs(time.time() - start) < 60, f"start time {start}"
+        assert got["failover_proxy_process_open_fds"] > 0, got
+    finally:
+        p.stop()
+        a.stop()
+
+
 def nonlocal_bind(tmp, dns):
     """With net.ipv4.ip_nonlocal_bind = 1 (hosts with keepalived or a load
     balancer's floating addresses), a proxy listening on 0.0.0.0 still
@@ -920,6 +956,7 @@ SCENARIOS = [
     held_connections,
     fd_exhaustion,
     small_pipes,
+    proc_subset_pid,
     nonlocal_bind,
     churn_soak,
 ]
