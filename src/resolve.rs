@@ -945,6 +945,8 @@ fn build(
 /// would not do, since the proxy's configuration itself is unchanged.
 struct SystemConf {
     path: PathBuf,
+    /// `LOCALDOMAIN` and `RES_OPTIONS` as resolv.conf lines (`env_lines`).
+    env: Vec<u8>,
     port: u16,
     timeout: Duration,
     state: Mutex<SystemState>,
@@ -996,13 +998,49 @@ impl SystemState {
     }
 }
 
+/// glibc's environment overrides of resolv.conf, as lines that follow the
+/// file's: `LOCALDOMAIN` replaces its search list, `RES_OPTIONS` adds to
+/// its options (a later option wins). glibc reads them once, at start.
+fn env_lines(localdomain: Option<&str>, res_options: Option<&str>) -> Vec<u8> {
+    let mut lines = String::new();
+    if let Some(d) = localdomain.map(str::trim).filter(|d| !d.is_empty()) {
+        lines.push_str(&format!("\nsearch {d}\n"));
+    }
+    if let Some(o) = res_options.map(str::trim).filter(|o| !o.is_empty()) {
+        lines.push_str(&format!("\noptions {o}\n"));
+    }
+    lines.into_bytes()
+}
+
 impl SystemConf {
+    /// resolv.conf at `path`, with the process's `LOCALDOMAIN` and
+    /// `RES_OPTIONS` over it.
     fn read(path: &Path, port: u16, timeout: Duration) -> Result<SystemConf, BuildError> {
+        let var = |name| std::env::var(name).ok();
+        let (localdomain, res_options) = (var("LOCALDOMAIN"), var("RES_OPTIONS"));
+        let env = env_lines(localdomain.as_deref(), res_options.as_deref());
+        if !env.is_empty() {
+            tracing::info!(
+                localdomain = localdomain.as_deref().unwrap_or(""),
+                res_options = res_options.as_deref().unwrap_or(""),
+                "resolv.conf is read with the environment's LOCALDOMAIN and RES_OPTIONS over it, as glibc reads it"
+            );
+        }
+        SystemConf::read_with(path, port, timeout, env)
+    }
+
+    fn read_with(
+        path: &Path,
+        port: u16,
+        timeout: Duration,
+        env: Vec<u8>,
+    ) -> Result<SystemConf, BuildError> {
         let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
         let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
-        let conf = SystemConf::parse(path, &text, port, timeout)?;
+        let conf = SystemConf::parse(path, &[&text[..], &env].concat(), port, timeout)?;
         Ok(SystemConf {
             path: path.to_path_buf(),
+            env,
             port,
             timeout,
             state: Mutex::new(SystemState {
@@ -1089,7 +1127,12 @@ impl SystemConf {
         // again, and the next query reads the file anew.
         let text = std::fs::read(&self.path).map_err(read)?;
         if text != st.text {
-            let conf = SystemConf::parse(&self.path, &text, self.port, self.timeout)?;
+            let conf = SystemConf::parse(
+                &self.path,
+                &[&text[..], &self.env].concat(),
+                self.port,
+                self.timeout,
+            )?;
             let Parsed { ips, options, .. } = &conf;
             tracing::info!(path = %self.path.display(), nameservers = ?ips, use_vc = options.use_vc, no_aaaa = options.no_aaaa, "resolv.conf changed; asking the nameservers it names now");
             st.conf = conf;
@@ -1680,6 +1723,37 @@ mod tests {
             conf.current("mgmt.example.com");
         });
         assert!(!logged.contains(what), "{logged}");
+    }
+
+    #[tokio::test]
+    async fn localdomain_and_res_options_apply_over_the_file_as_it_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(
+            &path,
+            "nameserver 127.0.0.1\nsearch a.example b.example\noptions ndots:2\n",
+        )
+        .unwrap();
+        let env = env_lines(Some("c.example"), Some(" ndots:5 use-vc "));
+        let conf = SystemConf::read_with(&path, 53, Duration::from_secs(1), env).unwrap();
+        let seen = |conf: &SystemConf| {
+            let st = lock(&conf.state);
+            (
+                st.conf.ndots,
+                st.conf.searches,
+                st.conf.options.use_vc,
+                st.conf.options.no_aaaa,
+            )
+        };
+        assert_eq!(seen(&conf), (5, 1, true, false));
+        // The file changes: the environment still applies over it.
+        std::fs::write(&path, "nameserver 127.0.0.2\noptions ndots:1 no-aaaa\n").unwrap();
+        assert_eq!(conf.current("x.").0.len(), 1);
+        assert_eq!(seen(&conf), (5, 1, true, true));
+        // Unset or empty: the file alone.
+        assert!(env_lines(None, Some("  ")).is_empty());
+        let conf = SystemConf::read_with(&path, 53, Duration::from_secs(1), Vec::new()).unwrap();
+        assert_eq!(seen(&conf), (1, 0, false, true));
     }
 
     #[tokio::test]
