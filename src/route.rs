@@ -125,7 +125,8 @@ struct SummedInner {
 struct SummedState {
     /// Events since the last line.
     unlogged: u64,
-    last_line: Option<std::time::Instant>,
+    /// tokio's clock, so that tests can run it paused.
+    last_line: Option<tokio::time::Instant>,
     /// A line for the events held back is due at the end of the second.
     flush_due: bool,
     /// Counts the episodes ended, so that a line due for one is not made
@@ -153,7 +154,7 @@ impl Summed {
                 st.flush_due = true;
                 let (inner, episode, line) = (self.0.clone(), st.episode, later());
                 tokio::spawn(async move {
-                    tokio::time::sleep_until((t + SUMMED_LOG_INTERVAL).into()).await;
+                    tokio::time::sleep_until(t + SUMMED_LOG_INTERVAL).await;
                     if let Some(n) = inner.flush(episode) {
                         line(n);
                     }
@@ -162,7 +163,7 @@ impl Summed {
             return None;
         }
         self.0.open.store(true, Ordering::Relaxed);
-        st.last_line = Some(std::time::Instant::now());
+        st.last_line = Some(tokio::time::Instant::now());
         Some(std::mem::take(&mut st.unlogged))
     }
 
@@ -197,7 +198,7 @@ impl SummedInner {
         if st.unlogged == 0 {
             return None;
         }
-        st.last_line = Some(std::time::Instant::now());
+        st.last_line = Some(tokio::time::Instant::now());
         Some(std::mem::take(&mut st.unlogged))
     }
 }
@@ -782,7 +783,65 @@ pub async fn probe_loop(
 
 #[cfg(test)]
 mod tests {
-    use super::OwnListeners;
+    use super::{OwnListeners, Summed};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// A `count` whose held-back line is recorded in `lines`.
+    fn count(s: &Summed, lines: &Arc<Mutex<Vec<u64>>>) -> Option<u64> {
+        let lines = lines.clone();
+        s.count(move || move |n| lines.lock().unwrap().push(n))
+    }
+
+    /// Lets the flush tasks due by now run.
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_back_count_is_said_when_its_second_is_over_and_only_in_its_episode() {
+        let s = Summed::default();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let taken = || std::mem::take(&mut *lines.lock().unwrap());
+        // The first at once; the next three held back, said a second on.
+        assert_eq!(count(&s, &lines), Some(1));
+        for _ in 0..3 {
+            assert_eq!(count(&s, &lines), None);
+        }
+        tokio::time::advance(Duration::from_millis(999)).await;
+        settle().await;
+        assert!(taken().is_empty(), "not before the second is over");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        settle().await;
+        assert_eq!(taken(), vec![3]);
+        // That line starts the next second: one held back, said then.
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(count(&s, &lines), None);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        settle().await;
+        assert_eq!(taken(), vec![1]);
+
+        // An episode that ends first says the count in its end line; the
+        // line due for it is not made, in this episode or the next.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(count(&s, &lines), Some(1));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(count(&s, &lines), None);
+        assert_eq!(s.end(), Some(1));
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(count(&s, &lines), Some(1), "a new episode: at once");
+        assert_eq!(count(&s, &lines), None);
+        // The ended episode's line would have been due now.
+        tokio::time::advance(Duration::from_millis(800)).await;
+        settle().await;
+        assert!(taken().is_empty(), "the ended episode's line made");
+        tokio::time::advance(Duration::from_millis(200)).await;
+        settle().await;
+        assert_eq!(taken(), vec![1]);
+        assert_eq!(s.end(), Some(0));
+    }
 
     #[test]
     fn own_listeners_match_by_port_and_address_or_a_local_address() {
