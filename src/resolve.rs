@@ -92,9 +92,10 @@ pub enum ResolveError {
     #[error("dns server failure resolving {alias} (servfail)")]
     ServFail { alias: String },
     /// A server refused (its port closed: ICMP says so at once) or could
-    /// not be reached (no route), and none answered. hickory keeps no
-    /// detail of which server, or which of the two.
-    #[error("resolving {alias}: dns server refused or unreachable (asked {servers})")]
+    /// not be reached (no route), and none answered; `servers` are those
+    /// that refused or were not reached (hickory does not say which of the
+    /// two).
+    #[error("resolving {alias}: dns server refused or unreachable: {servers}")]
     Unreachable { alias: String, servers: String },
     #[error("resolving {alias} failed: {source}")]
     Other {
@@ -614,10 +615,11 @@ impl Resolver {
                 }
             }
         };
+        let unreached = Mutex::new(Vec::new());
         let ask = |rtype| {
-            let servers = &servers;
+            let (servers, unreached) = (&servers, &unreached);
             async move {
-                tokio::time::timeout_at(deadline, lookup(servers, name, rtype))
+                tokio::time::timeout_at(deadline, lookup(servers, name, rtype, unreached))
                     .await
                     .unwrap_or(Err(NetError::Timeout))
             }
@@ -669,9 +671,9 @@ impl Resolver {
             }
             Some(NetError::NoConnections | NetError::Io(_)) => Err(ResolveError::Unreachable {
                 alias: alias(),
-                servers: servers
+                servers: lock(&unreached)
                     .iter()
-                    .map(|r| r.at.to_string())
+                    .map(SocketAddr::to_string)
                     .collect::<Vec<_>>()
                     .join(", "),
             }),
@@ -739,17 +741,21 @@ fn addresses(lookup: &Lookup) -> impl Iterator<Item = IpAddr> + '_ {
 /// NXDOMAIN or no records. A failure (no reply, SERVFAIL, REFUSED) decides
 /// only once every server has failed, as the system resolver moves on to
 /// the next server after one.
+///
+/// Servers that refused or could not be reached are added to `unreached`,
+/// for the error: hickory's error does not say which server it was.
 async fn lookup(
     servers: &[DnsResolver],
     name: &str,
     rtype: RecordType,
+    unreached: &Mutex<Vec<SocketAddr>>,
 ) -> Result<Lookup, NetError> {
     if let [one] = servers {
-        return one.resolver.lookup(name, rtype).await;
+        return ask_one(one, name, rtype, unreached).await;
     }
     let mut asks: FuturesUnordered<_> = servers
         .iter()
-        .map(|r| r.resolver.lookup(name, rtype))
+        .map(|r| ask_one(r, name, rtype, unreached))
         .collect();
     let mut failure = None;
     while let Some(r) = asks.next().await {
@@ -762,6 +768,24 @@ async fn lookup(
         }
     }
     Err(failure.unwrap_or(NetError::NoConnections))
+}
+
+/// One server's answer, noting the server in `unreached` when it refused
+/// or could not be reached.
+async fn ask_one(
+    server: &DnsResolver,
+    name: &str,
+    rtype: RecordType,
+    unreached: &Mutex<Vec<SocketAddr>>,
+) -> Result<Lookup, NetError> {
+    let r = server.resolver.lookup(name, rtype).await;
+    if let Err(NetError::NoConnections | NetError::Io(_)) = &r {
+        let mut u = lock(unreached);
+        if !u.contains(&server.at) {
+            u.push(server.at);
+        }
+    }
+    r
 }
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";

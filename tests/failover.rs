@@ -1284,11 +1284,33 @@ async fn a_dns_server_whose_port_is_closed_fails_the_resolution_at_once_naming_i
     .await;
     let e = got.result.expect_err("no server to answer");
     assert_eq!(e.kind(), ResolveErrorKind::Other);
-    let text = e.to_string();
-    assert!(
-        text.contains("refused or unreachable") && text.contains(&dns.to_string()),
-        "{text}"
+    assert_eq!(
+        e.to_string(),
+        format!("resolving closed.test: dns server refused or unreachable: {dns}")
     );
+    // Two, both closed: each is named, once.
+    let other = std::net::UdpSocket::bind((ip(171), 0)).unwrap();
+    let dns2 = other.local_addr().unwrap();
+    drop(other);
+    let r = std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+            timeout: HANG * 3,
+            ..resolver_config(vec![dns, dns2], Family::Any)
+        })
+        .expect("resolver"),
+    );
+    let got = within(
+        "closed.test",
+        r.resolve(&Alias::parse("closed.test").unwrap()),
+    )
+    .await;
+    let text = got.result.expect_err("no server to answer").to_string();
+    let named = text.rsplit(": ").next().unwrap();
+    let mut named: Vec<&str> = named.split(", ").collect();
+    named.sort_unstable();
+    let mut want = vec![dns.to_string(), dns2.to_string()];
+    want.sort_unstable();
+    assert_eq!(named, want, "{text}");
     // One server closed, another answering: the answer.
     let live = DnsServer::start().await;
     live.records("closed.test", &[ip(168)]);
