@@ -484,8 +484,9 @@ impl Server {
         order: &mut Vec<SocketAddr>,
         drain: &mpsc::Sender<()>,
     ) {
+        let mut new = new;
         let old = &self.config;
-        let restart = restart_only(old, &new);
+        let restart = keep_restart_only(old, &mut new);
         if !restart.is_empty() {
             tracing::warn!(
                 keys = %restart.join(", "),
@@ -589,30 +590,45 @@ impl Server {
         }
         tracing::info!(routes = order.len(), "configuration reloaded");
         limits::warn_if_short(&new.routes);
-        // What runs, so that the next reload compares against it.
-        let mut new = new;
-        new.admin = old.admin.clone();
-        new.log.format = old.log.format;
-        new.runtime.worker_threads = old.runtime.worker_threads;
         self.config = new;
     }
 }
 
-/// The changed settings that only a restart applies, by key.
-fn restart_only(old: &Config, new: &Config) -> Vec<&'static str> {
+/// The settings of `new` that only a restart applies are set back to the
+/// running ones of `old`, so that the configuration kept is what runs and
+/// the next reload compares against it; returns the keys that changed.
+fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
+    fn keep<T: PartialEq + Clone>(key: &'static str, old: &T, new: &mut T, keys: &mut Vec<&str>) {
+        if new != old {
+            keys.push(key);
+            new.clone_from(old);
+        }
+    }
     let mut keys = Vec::new();
-    if new.admin.listen != old.admin.listen {
-        keys.push("admin.listen");
-    }
-    if new.admin.allow_non_loopback != old.admin.allow_non_loopback {
-        keys.push("admin.allow_non_loopback");
-    }
-    if new.log.format != old.log.format {
-        keys.push("log.format");
-    }
-    if new.runtime.worker_threads != old.runtime.worker_threads {
-        keys.push("runtime.worker_threads");
-    }
+    keep(
+        "admin.listen",
+        &old.admin.listen,
+        &mut new.admin.listen,
+        &mut keys,
+    );
+    keep(
+        "admin.allow_non_loopback",
+        &old.admin.allow_non_loopback,
+        &mut new.admin.allow_non_loopback,
+        &mut keys,
+    );
+    keep(
+        "log.format",
+        &old.log.format,
+        &mut new.log.format,
+        &mut keys,
+    );
+    keep(
+        "runtime.worker_threads",
+        &old.runtime.worker_threads,
+        &mut new.runtime.worker_threads,
+        &mut keys,
+    );
     keys
 }
 

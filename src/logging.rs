@@ -138,11 +138,8 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
                     journal,
                 })
                 .with_filter_reloading();
-            let handle = b.reload_handle();
-            (
-                b.try_init(),
-                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
-            )
+            let set = setter(b.reload_handle());
+            (b.try_init(), set)
         }
         LogFormat::Json => {
             let b = builder
@@ -152,11 +149,8 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
                     journal,
                 })
                 .with_filter_reloading();
-            let handle = b.reload_handle();
-            (
-                b.try_init(),
-                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
-            )
+            let set = setter(b.reload_handle());
+            (b.try_init(), set)
         }
     };
     result.map_err(|e| LogError::Install(e.to_string()))?;
@@ -165,6 +159,11 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
     }
     let _ = DROPPED.set(dropped);
     Ok(LogGuard(Some(worker)))
+}
+
+/// A `SetFilter` for the reload handle of either line format.
+fn setter<S: 'static>(handle: tracing_subscriber::reload::Handle<EnvFilter, S>) -> SetFilter {
+    Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
 }
 
 /// Starts each line with its syslog priority (`<4>` for WARN) when stderr

@@ -1061,7 +1061,7 @@ impl SystemConf {
     ) -> Result<SystemConf, BuildError> {
         let stamp = FileStamp::of(path).map_err(|e| BuildError::read(path, e))?;
         let text = std::fs::read(path).map_err(|e| BuildError::read(path, e))?;
-        let conf = SystemConf::parse(path, &[&text[..], &env].concat(), port, timeout)?;
+        let conf = SystemConf::parse(path, &text, &env, port, timeout)?;
         Ok(SystemConf {
             path: path.to_path_buf(),
             env,
@@ -1077,7 +1077,15 @@ impl SystemConf {
         })
     }
 
-    fn parse(path: &Path, text: &[u8], port: u16, timeout: Duration) -> Result<Parsed, BuildError> {
+    /// The file's `text`, with `env` (`env_lines`) after it.
+    fn parse(
+        path: &Path,
+        text: &[u8],
+        env: &[u8],
+        port: u16,
+        timeout: Duration,
+    ) -> Result<Parsed, BuildError> {
+        let text = &[text, env].concat();
         let (mut dns_cfg, opts) =
             hickory_resolver::system_conf::parse_resolv_conf(text).map_err(|source| {
                 BuildError::SystemConf {
@@ -1151,12 +1159,7 @@ impl SystemConf {
         // again, and the next query reads the file anew.
         let text = std::fs::read(&self.path).map_err(read)?;
         if text != st.text {
-            let conf = SystemConf::parse(
-                &self.path,
-                &[&text[..], &self.env].concat(),
-                self.port,
-                self.timeout,
-            )?;
+            let conf = SystemConf::parse(&self.path, &text, &self.env, self.port, self.timeout)?;
             let Parsed { ips, options, .. } = &conf;
             tracing::info!(path = %self.path.display(), nameservers = ?ips, use_vc = options.use_vc, no_aaaa = options.no_aaaa, "resolv.conf changed; asking the nameservers it names now");
             st.conf = conf;

@@ -137,11 +137,12 @@ struct SummedState {
 const SUMMED_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Summed {
-    /// Counts one event: `Some(n)` when a line is due now, for `n` events
-    /// (this one and those since the last line). When the line is held
-    /// back, `later` makes it at the end of the second with the count by
-    /// then, unless the episode has ended (its end line says them).
-    fn count<F>(&self, later: impl FnOnce() -> F) -> Option<u64>
+    /// Counts one event, and makes the line for it when one is due: now,
+    /// for this event and those since the last line, or, when the line is
+    /// held back, at the end of the second with the count by then, unless
+    /// the episode has ended (its end line says them). `line` is asked for
+    /// only then: at most twice a second, not per event.
+    fn count<F>(&self, line: impl FnOnce() -> F)
     where
         F: FnOnce(u64) + Send + 'static,
     {
@@ -152,7 +153,7 @@ impl Summed {
         {
             if !st.flush_due {
                 st.flush_due = true;
-                let (inner, episode, line) = (self.0.clone(), st.episode, later());
+                let (inner, episode, line) = (self.0.clone(), st.episode, line());
                 tokio::spawn(async move {
                     tokio::time::sleep_until(t + SUMMED_LOG_INTERVAL).await;
                     if let Some(n) = inner.flush(episode) {
@@ -160,11 +161,13 @@ impl Summed {
                     }
                 });
             }
-            return None;
+            return;
         }
         self.0.open.store(true, Ordering::Relaxed);
         st.last_line = Some(tokio::time::Instant::now());
-        Some(std::mem::take(&mut st.unlogged))
+        let n = std::mem::take(&mut st.unlogged);
+        drop(st);
+        line()(n);
     }
 
     /// Ends an episode: `Some(n)` when one was open, `n` events not logged
@@ -268,7 +271,7 @@ impl Route {
         m.resolved(r.via, r.elapsed, error);
         if let Some(e) = &r.stale_because {
             m.stale.increment(1);
-            let later = || {
+            self.state.stale_log.count(|| {
                 let (name, alias, error) =
                     (self.cfg.name.clone(), self.cfg.alias.clone(), e.to_string());
                 move |n: u64| {
@@ -280,16 +283,7 @@ impl Route {
                         "dns failed; using the last good answer"
                     );
                 }
-            };
-            if let Some(n) = self.state.stale_log.count(later) {
-                tracing::warn!(
-                    route = %self.cfg.name,
-                    alias = %self.cfg.alias,
-                    error = %e,
-                    stale_answers = n,
-                    "dns failed; using the last good answer"
-                );
-            }
+            });
         } else if r.via == Source::Dns
             && !matches!(&r.result, Err(e) if e.kind().is_failure())
             && let Some(n) = self.state.stale_log.end()
@@ -535,7 +529,7 @@ async fn resolve_and_connect(
             a
         }
         Err(e) => {
-            let later = || {
+            st.unresolved_log.count(|| {
                 let (name, alias, error, kind) = (
                     cfg.name.clone(),
                     cfg.alias.clone(),
@@ -545,6 +539,7 @@ async fn resolve_and_connect(
                 move |n: u64| {
                     tracing::warn!(
                         route = %name,
+                        client.addr = %peer.0,
                         alias = %alias,
                         error = %error,
                         error.kind = kind,
@@ -552,18 +547,7 @@ async fn resolve_and_connect(
                         "connection reset: alias did not resolve"
                     );
                 }
-            };
-            if let Some(n) = st.unresolved_log.count(later) {
-                tracing::warn!(
-                    route = %cfg.name,
-                    client.addr = %peer.0,
-                    alias = %cfg.alias,
-                    error = %e,
-                    error.kind = e.kind().as_str(),
-                    resets = n,
-                    "connection reset: alias did not resolve"
-                );
-            }
+            });
             st.metrics.failed(FailReason::Resolve);
             log_end(
                 route,
@@ -598,26 +582,18 @@ async fn resolve_and_connect(
     }
 
     let Some((upstream, addr)) = connected else {
-        let later = || {
+        st.unreachable_log.count(|| {
             let (name, tried) = (cfg.name.clone(), AttemptsDisplay(&attempts).to_string());
             move |n: u64| {
                 tracing::warn!(
                     route = %name,
+                    client.addr = %peer.0,
                     attempts = %tried,
                     resets = n,
                     "connection reset: no server reachable"
                 );
             }
-        };
-        if let Some(n) = st.unreachable_log.count(later) {
-            tracing::warn!(
-                route = %cfg.name,
-                client.addr = %peer.0,
-                attempts = %AttemptsDisplay(&attempts),
-                resets = n,
-                "connection reset: no server reachable"
-            );
-        }
+        });
         st.metrics.failed(FailReason::Connect);
         log_end(
             route,
@@ -787,10 +763,17 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    /// A `count` whose held-back line is recorded in `lines`.
+    /// A `count` whose lines are recorded in `lines`: `Some(n)` when it
+    /// made one at once, for `n` events.
     fn count(s: &Summed, lines: &Arc<Mutex<Vec<u64>>>) -> Option<u64> {
-        let lines = lines.clone();
-        s.count(move || move |n| lines.lock().unwrap().push(n))
+        let before = lines.lock().unwrap().len();
+        s.count(|| {
+            let lines = lines.clone();
+            move |n| lines.lock().unwrap().push(n)
+        });
+        // A held-back line is made by a task, never during the call.
+        let mut made = lines.lock().unwrap();
+        (made.len() > before).then(|| made.pop()).flatten()
     }
 
     /// Lets the flush tasks due by now run.

@@ -1080,6 +1080,41 @@ async fn a_port_below_the_unprivileged_start_is_refused_with_the_way_out() {
     );
 }
 
+/// The binary during an outage of its whole cluster: `cluster.test` is
+/// NXDOMAIN at `dns` until a test gives it `at`, a port on 127.0.0.`last`
+/// that refuses until a test listens on `server`. Its start-up lines are
+/// in `lines`.
+struct Outage {
+    dns: DnsServer,
+    server: tokio::net::TcpSocket,
+    at: std::net::SocketAddr,
+    addr: std::net::SocketAddr,
+    p: Running,
+    lines: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+async fn outage(last: u8) -> Outage {
+    let dns = DnsServer::start().await;
+    dns.set("cluster.test", Behavior::NxDomain);
+    let (server, at) = refusing(ip(last));
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_dns_config(dir.path(), dns.addr, at.port(), "");
+    let p = Running::spawn(&cfg);
+    let mut lines = p.lines_until("\"listening\"");
+    let addr = listen_addr(lines.last().expect("the line"));
+    lines.extend(p.lines_until("alias does not resolve yet"));
+    Outage {
+        dns,
+        server,
+        at,
+        addr,
+        p,
+        lines,
+        _dir: dir,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
     // A client that reconnects at once after each reset, through an outage
@@ -1088,15 +1123,8 @@ async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
     // resets since the last, and one line when the outage ends with the
     // rest, so that every reset is counted once.
     const N: u64 = 40;
-    let dns = DnsServer::start().await;
-    dns.set("cluster.test", Behavior::NxDomain);
-    let (server, at) = refusing(ip(155));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_dns_config(dir.path(), dns.addr, at.port(), "");
-    let mut p = Running::spawn(&cfg);
-    let mut lines = p.lines_until("\"listening\"");
-    let addr = listen_addr(lines.last().expect("the line"));
-    lines.extend(p.lines_until("alias does not resolve yet"));
+    let o = outage(155).await;
+    let (dns, at, addr, mut p, mut lines) = (&o.dns, o.at, o.addr, o.p, o.lines);
 
     let started = std::time::Instant::now();
     for _ in 0..N {
@@ -1107,7 +1135,7 @@ async fn resets_through_an_outage_are_logged_summed_and_each_counted() {
         assert_reset(addr).await;
     }
     let secs = started.elapsed().as_secs_f64().ceil() as usize;
-    let b = serve_backend(server.listen(16).unwrap(), "back");
+    let b = serve_backend(o.server.listen(16).unwrap(), "back");
     assert_eq!(id_via(addr).await, "back");
     stop_cleanly(&mut p, &mut lines);
     drop(b);
@@ -1199,19 +1227,6 @@ fn set_log_level(cfg: &Path, level: &str) {
     std::fs::write(cfg, out).unwrap();
 }
 
-/// Waits until the route of [`write_config`] has no open connection:
-/// its connection lines are written before the gauge goes down.
-async fn no_connection_open(admin: std::net::SocketAddr) {
-    eventually("no open connection", || async {
-        sample(
-            &scrape(admin).await,
-            "failover_proxy_connections_active",
-            &[("route", "cluster.test")],
-        ) == Some(0.0)
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_changes_the_log_level_and_names_the_keys_that_need_a_restart() {
     let b = backend(ip(167), "b").await;
@@ -1235,7 +1250,7 @@ async fn a_reload_changes_the_log_level_and_names_the_keys_that_need_a_restart()
         let addr = listen_addr(&p.wait_line("\"listening\""));
         let admin = listen_addr(&p.wait_line("admin endpoint listening"));
         exchange(addr, b"quiet").await;
-        no_connection_open(admin).await;
+        no_connection_open(admin, "cluster.test").await;
 
         // A level, and two settings only a restart applies.
         set_log_level(&cfg, "info");
@@ -1251,7 +1266,7 @@ async fn a_reload_changes_the_log_level_and_names_the_keys_that_need_a_restart()
         assert_eq!(restart[0].1["keys"], "log.format, runtime.worker_threads");
 
         let (_, client) = exchange(addr, b"loud").await;
-        no_connection_open(admin).await;
+        no_connection_open(admin, "cluster.test").await;
         stop_cleanly(&mut p, &mut lines);
         // Still JSON: the format stays until a restart.
         let closed = logged(&lines, "connection closed");
@@ -1322,14 +1337,8 @@ async fn resets_held_back_are_logged_when_their_second_is_over_though_none_follo
     // Clients that give up during an outage: the resets after the first
     // line are not left unsaid until the outage ends, hours on, maybe.
     const N: u64 = 30;
-    let dns = DnsServer::start().await;
-    dns.set("cluster.test", Behavior::NxDomain);
-    let (_server, at) = refusing(ip(170));
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_dns_config(dir.path(), dns.addr, at.port(), "");
-    let p = Running::spawn(&cfg);
-    let addr = listen_addr(&p.wait_line("\"listening\""));
-    p.wait_line("alias does not resolve yet");
+    let o = outage(170).await;
+    let (dns, at, addr, p) = (&o.dns, o.at, o.addr, &o.p);
     for (kind, ends) in [
         ("connection reset: alias did not resolve", false),
         ("connection reset: no server reachable", true),

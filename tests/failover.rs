@@ -1267,44 +1267,41 @@ async fn a_dns_server_whose_port_is_closed_fails_the_resolution_at_once_naming_i
     // A local resolver that is stopped: its port answers with ICMP port
     // unreachable, as glibc sees at once. Waiting for a reply that cannot
     // come held every connection for the whole timeout, longer than HANG.
-    let closed = std::net::UdpSocket::bind((ip(168), 0)).unwrap();
-    let dns = closed.local_addr().unwrap();
-    drop(closed);
-    let r = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-            timeout: HANG * 3,
-            ..resolver_config(vec![dns], Family::Any)
-        })
-        .expect("resolver"),
-    );
-    let got = within(
-        "closed.test",
-        r.resolve(&Alias::parse("closed.test").unwrap()),
-    )
-    .await;
-    let e = got.result.expect_err("no server to answer");
+    let closed_port = |last| {
+        let closed = std::net::UdpSocket::bind((ip(last), 0)).unwrap();
+        closed.local_addr().unwrap()
+    };
+    // closed.test asked of `servers`, with a timeout no test waits out.
+    let resolve = |servers, family| async move {
+        let r = std::sync::Arc::new(
+            failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+                timeout: HANG * 3,
+                ..resolver_config(servers, family)
+            })
+            .expect("resolver"),
+        );
+        within(
+            "closed.test",
+            r.resolve(&Alias::parse("closed.test").unwrap()),
+        )
+        .await
+        .result
+    };
+    let dns = closed_port(168);
+    let e = resolve(vec![dns], Family::Any)
+        .await
+        .expect_err("no server to answer");
     assert_eq!(e.kind(), ResolveErrorKind::Other);
     assert_eq!(
         e.to_string(),
         format!("resolving closed.test: dns server refused or unreachable: {dns}")
     );
     // Two, both closed: each is named, once.
-    let other = std::net::UdpSocket::bind((ip(171), 0)).unwrap();
-    let dns2 = other.local_addr().unwrap();
-    drop(other);
-    let r = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-            timeout: HANG * 3,
-            ..resolver_config(vec![dns, dns2], Family::Any)
-        })
-        .expect("resolver"),
-    );
-    let got = within(
-        "closed.test",
-        r.resolve(&Alias::parse("closed.test").unwrap()),
-    )
-    .await;
-    let text = got.result.expect_err("no server to answer").to_string();
+    let dns2 = closed_port(171);
+    let text = resolve(vec![dns, dns2], Family::Any)
+        .await
+        .expect_err("no server to answer")
+        .to_string();
     let named = text.rsplit(": ").next().unwrap();
     let mut named: Vec<&str> = named.split(", ").collect();
     named.sort_unstable();
@@ -1314,20 +1311,11 @@ async fn a_dns_server_whose_port_is_closed_fails_the_resolution_at_once_naming_i
     // One server closed, another answering: the answer.
     let live = DnsServer::start().await;
     live.records("closed.test", &[ip(168)]);
-    let r = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-            timeout: HANG * 3,
-            ..resolver_config(vec![dns, live.addr], Family::Ipv4)
-        })
-        .expect("resolver"),
-    );
-    let got = within(
-        "closed.test",
-        r.resolve(&Alias::parse("closed.test").unwrap()),
-    )
-    .await;
     assert_eq!(
-        got.result.expect("the live server's answer").addrs,
+        resolve(vec![dns, live.addr], Family::Ipv4)
+            .await
+            .expect("the live server's answer")
+            .addrs,
         vec![ip(168)]
     );
 }

@@ -36,13 +36,9 @@ async fn a_scrape_after_failover_shows_the_counters_with_their_labels() {
     assert_reset(proxy.addrs[1]).await;
     assert_reset(proxy.addrs[2]).await;
     // Byte counts are added when a connection ends; wait for all to end.
-    eventually("no active connection", || async {
-        let s = scrape(admin).await;
-        ["mf", "mf-dead", "mf-nx"]
-            .iter()
-            .all(|r| sample(&s, "failover_proxy_connections_active", &[("route", r)]) == Some(0.0))
-    })
-    .await;
+    for route in ["mf", "mf-dead", "mf-nx"] {
+        no_connection_open(admin, route).await;
+    }
 
     let s = scrape(admin).await;
     let a71 = format!("127.0.0.71:{port}");
@@ -617,15 +613,7 @@ async fn bytes_are_counted_while_the_connection_is_open() {
     }
     // Its end adds nothing more: every byte was counted once.
     drop((r, w));
-    eventually("the connection ended", || async {
-        let s = scrape(admin).await;
-        sample(
-            &s,
-            "failover_proxy_connections_active",
-            &[("route", "live-bytes")],
-        ) == Some(0.0)
-    })
-    .await;
+    no_connection_open(admin, "live-bytes").await;
     assert_eq!(bytes("to_upstream").await, Some(sent as f64));
     assert_eq!(bytes("to_client").await, Some((sent + 5) as f64));
 }

@@ -541,6 +541,20 @@ where
     }
 }
 
+/// Waits until `route` has no open connection, as the admin endpoint at
+/// `admin` counts them: a connection's log line and byte counts are made
+/// before its gauge goes down.
+pub async fn no_connection_open(admin: SocketAddr, route: &str) {
+    eventually("no open connection", || async {
+        sample(
+            &scrape(admin).await,
+            "failover_proxy_connections_active",
+            &[("route", route)],
+        ) == Some(0.0)
+    })
+    .await;
+}
+
 /// Connects through the proxy and reads the backend's id line.
 pub async fn served_by(proxy: SocketAddr) -> io::Result<(String, TcpStream)> {
     let mut s = TcpStream::connect(proxy).await?;
