@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::fs::File;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt;
@@ -1241,6 +1242,8 @@ struct HostsCache {
     /// The last read error logged, so a missing file is reported once, not
     /// once per connection.
     last_error: Option<io::ErrorKind>,
+    /// The file was found changing on every read, and that was logged.
+    unsettled_logged: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1299,15 +1302,29 @@ impl FileStamp {
         now.duration_since(changed).is_ok_and(|age| age <= window) || changed > now
     }
 
+    /// Whether the file was not written between the two stamps. Its ctime
+    /// alone may differ: a file renamed over or unlinked while it was read
+    /// has its ctime moved, and its content is whole.
+    fn same_content_as(&self, other: &FileStamp) -> bool {
+        (self.dev, self.ino, self.len, self.mtime) == (other.dev, other.ino, other.len, other.mtime)
+    }
+
     fn of(path: &Path) -> io::Result<FileStamp> {
-        let m = std::fs::metadata(path)?;
-        Ok(FileStamp {
+        Ok(FileStamp::from(&std::fs::metadata(path)?))
+    }
+
+    fn of_file(file: &File) -> io::Result<FileStamp> {
+        Ok(FileStamp::from(&file.metadata()?))
+    }
+
+    fn from(m: &std::fs::Metadata) -> FileStamp {
+        FileStamp {
             dev: m.dev(),
             ino: m.ino(),
             len: m.len(),
             mtime: (m.mtime(), m.mtime_nsec()),
             ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        }
     }
 }
 
@@ -1328,14 +1345,38 @@ impl HostsFile {
     /// every connection. A re-read scans the file once (about 15 ms for
     /// 300,000 lines, 13 MB, here).
     fn lookup(&self, name: &str) -> Option<Vec<IpAddr>> {
+        self.lookup_reading(name, read_hosts)
+    }
+
+    /// [`HostsFile::lookup`], reading the file with `read`.
+    fn lookup_reading(
+        &self,
+        name: &str,
+        read: impl FnMut(&File, &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)>,
+    ) -> Option<Vec<IpAddr>> {
         let table = {
             let mut cache = lock(&self.cache);
             if !cache.wanted.iter().any(|w| w.eq_ignore_ascii_case(name)) {
                 cache.wanted.push(name.to_ascii_lowercase());
                 cache.new_name = true;
             }
-            match self.refresh(&mut cache) {
-                Ok(()) => cache.last_error = None,
+            match self.refresh(&mut cache, read) {
+                Ok(Refreshed::Read) => {
+                    cache.last_error = None;
+                    cache.unsettled_logged = false;
+                }
+                Ok(Refreshed::Unsettled) => {
+                    if !cache.unsettled_logged {
+                        tracing::warn!(
+                            path = %self.path.display(),
+                            kept = if cache.stamp.is_some() { "the last version read" } else { "nothing (none read yet): dns only" },
+                            "hosts file kept changing while being read; it is read again at the next lookup"
+                        );
+                        cache.unsettled_logged = true;
+                    }
+                    // Its table stays; the next lookup reads the file again.
+                    cache.stamp = None;
+                }
                 Err(e) => {
                     if cache.last_error != Some(e.kind()) {
                         tracing::warn!(path = %self.path.display(), error = %e, "cannot read hosts file; using dns only");
@@ -1350,17 +1391,29 @@ impl HostsFile {
         table.get(name).cloned()
     }
 
-    fn refresh(&self, cache: &mut HostsCache) -> io::Result<()> {
-        let mut stamp = FileStamp::of(&self.path)?;
+    /// Reads the file again unless its stamp proves it unchanged, with
+    /// `read` (`read_hosts`; a test's reader can change the file as it
+    /// reads).
+    fn refresh(
+        &self,
+        cache: &mut HostsCache,
+        mut read: impl FnMut(&File, &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)>,
+    ) -> io::Result<Refreshed> {
+        let stamp = FileStamp::of(&self.path)?;
         if !cache.new_name && stamp.proves_unchanged_since(cache.stamp, SystemTime::now()) {
-            return Ok(());
+            return Ok(Refreshed::Read);
         }
-        // A file rewritten in place can change while we read it: read until
-        // the metadata is the same before and after, so a half-written list
+        // The stamps are the open file's, not the path's: a file replaced
+        // by rename while it is read was still read whole, and the next
+        // lookup finds the path's stamp changed and reads the new one. A
+        // file rewritten in place can change while it is read: read until
+        // its stamp is the same before and after, so a half-written list
         // is never used.
         for _ in 0..5 {
-            let (table, skipped, bytes) = read_hosts(&self.path, &cache.wanted)?;
-            let after = FileStamp::of(&self.path)?;
+            let file = File::open(&self.path)?;
+            let before = FileStamp::of_file(&file)?;
+            let (table, skipped, bytes) = read(&file, &cache.wanted)?;
+            let after = FileStamp::of_file(&file)?;
             // An empty file written moments ago is most likely one being
             // rewritten in place (truncated, not yet written): keep serving
             // the previous table and look again on the next connection.
@@ -1368,10 +1421,10 @@ impl HostsFile {
                 && after.changed_within(SystemTime::now(), EMPTY_REWRITE)
                 && cache.stamp.is_some()
             {
-                return Ok(());
+                return Ok(Refreshed::Read);
             }
-            if after == stamp {
-                let changed = cache.stamp != Some(stamp) || cache.new_name;
+            if after.same_content_as(&before) {
+                let changed = cache.stamp != Some(before) || cache.new_name;
                 // Logged once per change of the file or of the names asked
                 // for, not per connection.
                 if changed {
@@ -1380,17 +1433,24 @@ impl HostsFile {
                     }
                 }
                 cache.table = Arc::new(table);
-                cache.stamp = Some(stamp);
+                cache.stamp = Some(before);
                 cache.new_name = false;
-                return Ok(());
+                return Ok(Refreshed::Read);
             }
-            stamp = after;
         }
-        Err(io::Error::other(format!(
-            "{} kept changing while being read",
-            self.path.display()
-        )))
+        Ok(Refreshed::Unsettled)
     }
+}
+
+/// What a look at the hosts file found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refreshed {
+    /// The table is the file's (or the previous one, while the file is
+    /// being rewritten in place and is empty for a moment).
+    Read,
+    /// The file changed during each of several reads: the previous table
+    /// stays.
+    Unsettled,
 }
 
 /// Name (lowercase, no trailing dot) to addresses in file order.
@@ -1487,9 +1547,9 @@ impl<'w> HostsParser<'w> {
 
 /// Reads the hosts file at `path` line by line, keeping the `wanted` names.
 /// Returns the table, the skipped lines and the number of bytes read.
-fn read_hosts(path: &Path, wanted: &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)> {
+fn read_hosts(file: &File, wanted: &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)> {
     use std::io::BufRead;
-    let mut reader = io::BufReader::new(std::fs::File::open(path)?);
+    let mut reader = io::BufReader::new(file);
     let mut parser = HostsParser::new(Some(wanted));
     let mut buf = Vec::new();
     let mut bytes = 0;
@@ -1609,7 +1669,7 @@ mod tests {
             std::fs::write(&path, &text).unwrap();
             let whole = parse_hosts(&text);
             for name in ["a", "b", "a.b", "ab"] {
-                let (table, _, bytes) = read_hosts(&path, &[name.to_string()]).unwrap();
+                let (table, _, bytes) = read_hosts(&File::open(&path).unwrap(), &[name.to_string()]).unwrap();
                 proptest::prop_assert_eq!(bytes, text.len() as u64);
                 proptest::prop_assert_eq!(table.get(name), whole.get(name), "{:?}", name);
                 proptest::prop_assert!(table.len() <= 1);
@@ -1629,6 +1689,64 @@ mod tests {
         assert_eq!(h.lookup("a.test"), Some(vec!["127.0.0.2".parse().unwrap()]));
         std::fs::remove_file(&path).unwrap();
         assert_eq!(h.lookup("a.test"), None);
+    }
+
+    #[test]
+    fn a_hosts_file_replaced_by_rename_while_it_is_read_is_used_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "127.0.0.1 a.test\n").unwrap();
+        let h = HostsFile::new(&path);
+        let ip = |s: &str| Some(vec![s.parse::<IpAddr>().unwrap()]);
+        // Each read is overtaken by a new version renamed into place, as a
+        // tool that writes a copy and renames it does, again and again.
+        let mut version = 1;
+        let renaming = |file: &File, wanted: &[String]| {
+            let read = read_hosts(file, wanted);
+            version += 1;
+            let next = dir.path().join("hosts.new");
+            std::fs::write(&next, format!("127.0.0.{version} a.test\n")).unwrap();
+            std::fs::rename(&next, &path).unwrap();
+            read
+        };
+        let logged = warnings(|| assert_eq!(h.lookup_reading("a.test", renaming), ip("127.0.0.1")));
+        assert_eq!(logged, "");
+        // The next lookup finds the path's file changed and reads it.
+        assert_eq!(h.lookup("a.test"), ip("127.0.0.2"));
+    }
+
+    #[test]
+    fn a_hosts_file_changing_during_every_read_keeps_the_last_table_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hosts");
+        std::fs::write(&path, "127.0.0.1 a.test\n").unwrap();
+        let h = HostsFile::new(&path);
+        let ip = |s: &str| Some(vec![s.parse::<IpAddr>().unwrap()]);
+        assert_eq!(h.lookup("a.test"), ip("127.0.0.1"));
+        // Rewritten in place during each read, each time longer, so that
+        // its stamp changes whatever the timestamps' granularity.
+        let mut comment = String::new();
+        let mut in_place = |file: &File, wanted: &[String]| {
+            let read = read_hosts(file, wanted);
+            comment.push('#');
+            std::fs::write(&path, format!("{comment}\n127.0.0.9 a.test\n")).unwrap();
+            read
+        };
+        let logged = warnings(|| {
+            for _ in 0..3 {
+                assert_eq!(h.lookup_reading("a.test", &mut in_place), ip("127.0.0.1"));
+            }
+        });
+        assert_eq!(
+            logged
+                .matches("hosts file kept changing while being read")
+                .count(),
+            1,
+            "{logged}"
+        );
+        assert!(logged.contains("the last version read"), "{logged}");
+        // Once it settles, the next lookup reads it.
+        assert_eq!(h.lookup("a.test"), ip("127.0.0.9"));
     }
 
     fn stamp_at(secs: i64, nanos: i64) -> FileStamp {
