@@ -613,12 +613,25 @@ fn non_loopback(a: SocketAddr) -> String {
 }
 
 fn parse_nameserver(s: &str) -> Result<SocketAddr, String> {
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(a);
+    let addr = match s.parse::<SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => s
+            .parse::<IpAddr>()
+            .map(|ip| SocketAddr::new(ip, 53))
+            .map_err(|_| {
+                format!(
+                    "{s:?} is not \"ip\" or \"ip:port\" (an IPv6 address with a port in \
+                 brackets: \"[::1]:5353\")"
+                )
+            })?,
+    };
+    // Queries to port 0 go nowhere: every one would wait out the timeout.
+    if addr.port() == 0 {
+        return Err(format!(
+            "{s:?} has port 0; a DNS server's port is 1 to 65535"
+        ));
     }
-    s.parse::<IpAddr>()
-        .map(|ip| SocketAddr::new(ip, 53))
-        .map_err(|_| format!("{s:?} is not \"ip\" or \"ip:port\""))
+    Ok(addr)
 }
 
 /// A parser's message on one line, as every problem is: the TOML parser

@@ -566,6 +566,46 @@ fn a_log_level_that_would_silence_the_proxy_is_refused() {
 }
 
 #[test]
+fn nameservers_are_addresses_with_a_real_port() {
+    Jail::expect_with(|jail| {
+        jail.create_file(
+            "c.toml",
+            &format!(
+                "{ROUTE}[resolver]\nnameservers = [\"10.0.0.1\", \"10.0.0.2:5353\", \"::1\", \"[::1]:5353\"]\n"
+            ),
+        )?;
+        let c = load_file(jail, "c.toml").map_err(|e| e.to_string())?;
+        let want: Vec<SocketAddr> = ["10.0.0.1:53", "10.0.0.2:5353", "[::1]:53", "[::1]:5353"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(c.resolver.nameservers, want);
+        // A name, a port without an address, and port 0 (every query would
+        // wait out the timeout): each named with its index and file.
+        jail.create_file(
+            "d.toml",
+            &format!(
+                "{ROUTE}[resolver]\nnameservers = [\"dns.example:53\", \":53\", \"127.0.0.1:0\", \"10.0.0.1\"]\n"
+            ),
+        )?;
+        let e = load_file(jail, "d.toml").expect_err("must fail");
+        let text = e.to_string();
+        assert_eq!(e.problems.len(), 3, "{text}");
+        for (i, want) in [
+            (0, "\"dns.example:53\" is not \"ip\" or \"ip:port\""),
+            (1, "\":53\" is not"),
+            (2, "\"127.0.0.1:0\" has port 0"),
+        ] {
+            let p = &e.problems[i];
+            assert_eq!(p.key, format!("resolver.nameservers[{i}]"), "{text}");
+            assert!(p.source.contains("d.toml"), "{text}");
+            assert!(p.message.contains(want), "{want} not in {text}");
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn toml_syntax_error_names_the_file() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", "[[route]\nlisten = ")?;
