@@ -1242,8 +1242,9 @@ struct HostsCache {
     /// The last read error logged, so a missing file is reported once, not
     /// once per connection.
     last_error: Option<io::ErrorKind>,
-    /// The file was found changing on every read, and that was logged.
-    unsettled_logged: bool,
+    /// The last look found the file changing during every read (and said
+    /// so): the next lookup reads it whatever its stamp.
+    unsettled: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1363,19 +1364,20 @@ impl HostsFile {
             match self.refresh(&mut cache, read) {
                 Ok(Refreshed::Read) => {
                     cache.last_error = None;
-                    cache.unsettled_logged = false;
+                    cache.unsettled = false;
                 }
                 Ok(Refreshed::Unsettled) => {
-                    if !cache.unsettled_logged {
+                    // Its table and stamp stay (so an empty file met next is
+                    // still taken for one being rewritten); the next lookup
+                    // reads the file again.
+                    if !cache.unsettled {
                         tracing::warn!(
                             path = %self.path.display(),
                             kept = if cache.stamp.is_some() { "the last version read" } else { "nothing (none read yet): dns only" },
                             "hosts file kept changing while being read; it is read again at the next lookup"
                         );
-                        cache.unsettled_logged = true;
+                        cache.unsettled = true;
                     }
-                    // Its table stays; the next lookup reads the file again.
-                    cache.stamp = None;
                 }
                 Err(e) => {
                     if cache.last_error != Some(e.kind()) {
@@ -1400,7 +1402,10 @@ impl HostsFile {
         mut read: impl FnMut(&File, &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)>,
     ) -> io::Result<Refreshed> {
         let stamp = FileStamp::of(&self.path)?;
-        if !cache.new_name && stamp.proves_unchanged_since(cache.stamp, SystemTime::now()) {
+        if !cache.new_name
+            && !cache.unsettled
+            && stamp.proves_unchanged_since(cache.stamp, SystemTime::now())
+        {
             return Ok(Refreshed::Read);
         }
         // The stamps are the open file's, not the path's: a file replaced
@@ -1745,7 +1750,11 @@ mod tests {
             "{logged}"
         );
         assert!(logged.contains("the last version read"), "{logged}");
+        // Found empty next, just truncated: still a file being rewritten.
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(h.lookup("a.test"), ip("127.0.0.1"));
         // Once it settles, the next lookup reads it.
+        std::fs::write(&path, "127.0.0.9 a.test\n").unwrap();
         assert_eq!(h.lookup("a.test"), ip("127.0.0.9"));
     }
 
