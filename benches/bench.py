@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""failover-proxy benchmark: direct loopback vs HAProxy vs failover-proxy.
+"""failover-proxy benchmark: direct loopback vs HAProxy and nginx (its
+stream module, when installed) vs failover-proxy.
 
 Run through benches/run, which installs the tools and builds the release
 binary. Every server is on 127.0.0.x; DNS is a dnsmasq started here on a
@@ -305,6 +306,67 @@ defaults
         procs.stop(self.proc)
 
 
+class Nginx(Mode):
+    """nginx's stream (TCP) proxy: one process, one worker. Like HAProxy, it
+    resolves the alias through the same dnsmasq and keeps the answer a
+    second (`resolver valid=1s`): a variable in `proxy_pass` makes it
+    resolve at run time, not once at start. The failover routes are an
+    upstream whose second server is a `backup`, as `balance first` is, with
+    a failed connect marking the first down (`max_fails=1`) for
+    `fail_timeout`, and `proxy_connect_timeout` at `attempt_delay`."""
+    name = "nginx"
+    MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
+
+    def start(self, env, procs):
+        self.ports = free_ports(("http", "iperf", "hold", "refused", "hole"))
+        cfg = env.tmp / "nginx-stream.conf"
+        servers = ""
+        for svc, backend_port in (("http", env.http_port), ("iperf", env.iperf_port), ("hold", env.hold_port)):
+            servers += f"""
+  server {{
+    listen 127.0.0.1:{self.ports[svc]} backlog=4096;
+    set $upstream bench.test:{backend_port};
+    proxy_pass $upstream;
+  }}"""
+        for svc, bad in (("refused", REFUSING), ("hole", HOLE)):
+            servers += f"""
+  upstream u_{svc} {{
+    server {bad}:{env.http_port} max_fails=1 fail_timeout=10s;
+    server {LIVE}:{env.http_port} backup;
+  }}
+  server {{
+    listen 127.0.0.1:{self.ports[svc]} backlog=4096;
+    proxy_connect_timeout {ATTEMPT_DELAY_MS}ms;
+    proxy_pass u_{svc};
+  }}"""
+        cfg.write_text(f"""
+load_module {self.MODULE};
+worker_processes 1;
+master_process off;
+daemon off;
+pid {env.tmp}/nginx-stream.pid;
+error_log {env.tmp}/nginx-stream-error.log;
+worker_rlimit_nofile 40000;
+events {{ worker_connections 20000; }}
+stream {{
+  resolver 127.0.0.1:{env.dns_port} valid=1s ipv6=off;
+  resolver_timeout 2s;
+  proxy_connect_timeout 2s;
+  proxy_timeout 300s;
+{servers}
+}}
+""")
+        self.proc = procs.start("nginx-stream", ["nginx", "-c", str(cfg), "-e", str(env.tmp / "nginx-stream-error.log")])
+        for svc, p in self.ports.items():
+            if svc != "iperf":
+                wait_port(p)
+        wait_http(self.ports["http"])
+        return self.proc.pid, self.ports
+
+    def stop(self, procs):
+        procs.stop(self.proc)
+
+
 class FailoverProxy(Mode):
     def __init__(self, name, source, threads, relay="splice"):
         self.name, self.source, self.threads, self.relay = name, source, threads, relay
@@ -510,6 +572,10 @@ def main():
     procs = Procs()
     modes = [Direct(), HAProxy(), FailoverProxy("fp-hosts", "hosts", 1), FailoverProxy("fp-dns", "dns", 1),
              FailoverProxy("fp-dns-mt", "dns", 0), FailoverProxy("fp-hosts-copy", "hosts", 1, relay="copy")]
+    if Nginx.MODULE.exists():
+        modes.append(Nginx())
+    else:
+        print(f"{Nginx.MODULE} is missing (Debian: libnginx-mod-stream): no nginx column", flush=True)
     results = {m.name: {} for m in modes}
 
     def rec(mode, key, value):
