@@ -1242,8 +1242,8 @@ struct HostsCache {
     /// The last read error logged, so a missing file is reported once, not
     /// once per connection.
     last_error: Option<io::ErrorKind>,
-    /// The last look found the file changing during every read (and said
-    /// so): the next lookup reads it whatever its stamp.
+    /// The last look found the file changing during every read, and said
+    /// so: said once until a read settles.
     unsettled: bool,
 }
 
@@ -1368,8 +1368,8 @@ impl HostsFile {
                 }
                 Ok(Refreshed::Unsettled) => {
                     // Its table and stamp stay (so an empty file met next is
-                    // still taken for one being rewritten); the next lookup
-                    // reads the file again.
+                    // still taken for one being rewritten); the file's stamp
+                    // now differs from it, so the next lookup reads again.
                     if !cache.unsettled {
                         tracing::warn!(
                             path = %self.path.display(),
@@ -1402,10 +1402,9 @@ impl HostsFile {
         mut read: impl FnMut(&File, &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)>,
     ) -> io::Result<Refreshed> {
         let stamp = FileStamp::of(&self.path)?;
-        if !cache.new_name
-            && !cache.unsettled
-            && stamp.proves_unchanged_since(cache.stamp, SystemTime::now())
-        {
+        // After a look that found the file changing, its stamp is not the
+        // cached one (that of the last version read whole): read again.
+        if !cache.new_name && stamp.proves_unchanged_since(cache.stamp, SystemTime::now()) {
             return Ok(Refreshed::Read);
         }
         // The stamps are the open file's, not the path's: a file replaced
