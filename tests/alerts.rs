@@ -6,8 +6,10 @@
 mod common;
 
 use std::fmt::Write as _;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
+use std::process::Stdio;
 
 use common::*;
 
@@ -160,21 +162,37 @@ async fn the_alert_rules_fire_on_the_proxys_own_series_and_only_where_they_shoul
     // An open-file limit low enough for the test to bring the proxy near
     // it (prlimit, from util-linux, runs the proxy in its place).
     const NOFILE: f64 = 128.0;
-    let p = Running::spawn_with(
-        bin_via("prlimit", &[&format!("--nofile={NOFILE}:{NOFILE}")])
-            .arg("--config")
-            .arg(&cfg),
-    );
+    let mut child = bin_via("prlimit", &[&format!("--nofile={NOFILE}:{NOFILE}")])
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn failover-proxy");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    // Kills the proxy when the test ends; its lines are read here, and only
+    // until it listens: nobody reads them after, so that lines are dropped.
+    let _p = Running {
+        child,
+        lines: std::sync::mpsc::channel().1,
+    };
     let mut at = std::collections::HashMap::new();
-    for _ in &routes {
-        let line = p.wait_line("\"listening\"");
-        let route = routes
-            .iter()
-            .find(|r| line.contains(&format!("\"route\":\"{r}\"")))
-            .unwrap_or_else(|| panic!("a route of the config in {line}"));
-        at.insert(*route, listen_addr(&line));
+    let mut admin = None;
+    let mut line = String::new();
+    while at.len() < routes.len() || admin.is_none() {
+        line.clear();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "stderr closed");
+        if line.contains("admin endpoint listening") {
+            admin = Some(listen_addr(&line));
+        } else if line.contains("\"listening\"") {
+            let route = routes
+                .iter()
+                .find(|r| line.contains(&format!("\"route\":\"{r}\"")))
+                .unwrap_or_else(|| panic!("a route of the config in {line}"));
+            at.insert(*route, listen_addr(&line));
+        }
     }
-    let admin = listen_addr(&p.wait_line("admin endpoint listening"));
+    let admin = admin.unwrap();
 
     // A good answer for "stale" first, then its DNS fails: the last one
     // stands in.
@@ -196,6 +214,19 @@ async fn the_alert_rules_fire_on_the_proxys_own_series_and_only_where_they_shoul
         no_connection_open(admin, route).await;
     }
     drop(refusing);
+
+    // Log lines dropped: a pipe holds a few hundred lines, the proxy's
+    // queue some thousands, and each connection logs one at `info`.
+    let dropped =
+        |scrape: &str| sample(scrape, "failover_proxy_log_lines_dropped_total", &[]).unwrap_or(0.0);
+    within("log lines dropped", async {
+        while dropped(&scrape(admin).await) == 0.0 {
+            for _ in 0..1000 {
+                assert_eq!(id_via(at["ok"]).await, "live");
+            }
+        }
+    })
+    .await;
 
     // Then past 80 % of the open-file limit: two descriptors a connection.
     let fds = |scrape: &str| sample(scrape, "failover_proxy_process_open_fds", &[]).unwrap();
@@ -225,6 +256,7 @@ async fn the_alert_rules_fire_on_the_proxys_own_series_and_only_where_they_shoul
             ("FailoverProxyDnsFailing", "warning", Some("broken")),
             ("FailoverProxyDnsFailing", "warning", Some("stale")),
             ("FailoverProxyFailoverRateHigh", "warning", Some("flaky")),
+            ("FailoverProxyLogLinesDropped", "warning", None),
             ("FailoverProxyRouteUnreachable", "critical", Some("down")),
             ("FailoverProxyServingStale", "warning", Some("stale")),
         ],
