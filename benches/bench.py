@@ -235,6 +235,29 @@ class Mode:
         pass
 
 
+class Proxied(Mode):
+    """A mode with a proxy process of its own (`self.proc`) listening on
+    `self.ports`."""
+
+    def serving(self, services=None):
+        """Waits until the proxy listens (on the ports of `services`, or on
+        every port but iperf's) and has served one request, and returns what
+        `start` returns. Never the iperf port: iperf3's server takes one
+        client at a time and a probe connection there can make the next
+        real test fail. The request makes the failover rows'
+        "first connection" time a route's first failover, not a process
+        waking from idle (about 0.5 ms here for any of the proxies), and
+        waits out HAProxy's first DNS answer, which brings the addresses of
+        its server templates."""
+        for svc in services or [s for s in self.ports if s != "iperf"]:
+            wait_port(self.ports[svc])
+        wait_http(self.ports["http"])
+        return self.proc.pid, self.ports
+
+    def stop(self, procs):
+        procs.stop(self.proc)
+
+
 class Direct(Mode):
     name = "direct"
 
@@ -242,7 +265,7 @@ class Direct(Mode):
         return None, {"http": env.http_port, "iperf": env.iperf_port, "hold": env.hold_port}
 
 
-class HAProxy(Mode):
+class HAProxy(Proxied):
     name = "haproxy"
 
     def start(self, env, procs):
@@ -293,20 +316,10 @@ defaults
 {static}
 """)
         self.proc = procs.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
-        # Not the iperf port: iperf3's server takes one client at a time and a
-        # probe connection there can make the next real test fail.
-        for svc, p in self.ports.items():
-            if svc != "iperf":
-                wait_port(p)
-        # server-template addresses arrive with the first DNS answer.
-        wait_http(self.ports["http"])
-        return self.proc.pid, self.ports
-
-    def stop(self, procs):
-        procs.stop(self.proc)
+        return self.serving()
 
 
-class Nginx(Mode):
+class Nginx(Proxied):
     """nginx's stream (TCP) proxy: one process, one worker. Like HAProxy, it
     resolves the alias through the same dnsmasq and keeps the answer a
     second (`resolver valid=1s`): a variable in `proxy_pass` makes it
@@ -357,17 +370,10 @@ stream {{
 }}
 """)
         self.proc = procs.start("nginx-stream", ["nginx", "-c", str(cfg), "-e", str(env.tmp / "nginx-stream-error.log")])
-        for svc, p in self.ports.items():
-            if svc != "iperf":
-                wait_port(p)
-        wait_http(self.ports["http"])
-        return self.proc.pid, self.ports
-
-    def stop(self, procs):
-        procs.stop(self.proc)
+        return self.serving()
 
 
-class FailoverProxy(Mode):
+class FailoverProxy(Proxied):
     def __init__(self, name, source, threads, relay="splice"):
         self.name, self.source, self.threads, self.relay = name, source, threads, relay
 
@@ -413,16 +419,9 @@ relay = "{self.relay}"
         cfg = env.tmp / f"{self.name}.toml"
         cfg.write_text(self.config(env, self.ports))
         self.proc = procs.start(self.name, [str(BIN), "run", "--config", str(cfg)])
-        for svc in ("http", "hold"):
-            wait_port(self.ports[svc])
-        # One request through, as HAProxy's start makes: the failover rows'
-        # "first connection" then times a route's first failover, not a
-        # process waking from idle (about 0.5 ms here for either proxy).
-        wait_http(self.ports["http"])
-        return self.proc.pid, self.ports
-
-    def stop(self, procs):
-        procs.stop(self.proc)
+        # Not the failover routes' ports: a probe there would dial their
+        # first address before the row times its death.
+        return self.serving(("http", "hold"))
 
 
 def wait_http(port, timeout=10.0):

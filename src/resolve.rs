@@ -1317,7 +1317,9 @@ impl FileStamp {
     fn of_file(file: &File) -> io::Result<FileStamp> {
         Ok(FileStamp::from(&file.metadata()?))
     }
+}
 
+impl From<&std::fs::Metadata> for FileStamp {
     fn from(m: &std::fs::Metadata) -> FileStamp {
         FileStamp {
             dev: m.dev(),
@@ -1353,7 +1355,7 @@ impl HostsFile {
     fn lookup_reading(
         &self,
         name: &str,
-        read: impl FnMut(&File, &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)>,
+        read: impl FnMut(&File, &[String]) -> HostsRead,
     ) -> Option<Vec<IpAddr>> {
         let table = {
             let mut cache = lock(&self.cache);
@@ -1399,7 +1401,7 @@ impl HostsFile {
     fn refresh(
         &self,
         cache: &mut HostsCache,
-        mut read: impl FnMut(&File, &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)>,
+        mut read: impl FnMut(&File, &[String]) -> HostsRead,
     ) -> io::Result<Refreshed> {
         let stamp = FileStamp::of(&self.path)?;
         // After a look that found the file changing, its stamp is not the
@@ -1445,6 +1447,10 @@ impl HostsFile {
         Ok(Refreshed::Unsettled)
     }
 }
+
+/// One reading of the hosts file: the table of the names asked for, the
+/// lines skipped, and the bytes read.
+type HostsRead = io::Result<(HostsTable, Vec<Skipped>, u64)>;
 
 /// What a look at the hosts file found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1551,7 +1557,7 @@ impl<'w> HostsParser<'w> {
 
 /// Reads the hosts file at `path` line by line, keeping the `wanted` names.
 /// Returns the table, the skipped lines and the number of bytes read.
-fn read_hosts(file: &File, wanted: &[String]) -> io::Result<(HostsTable, Vec<Skipped>, u64)> {
+fn read_hosts(file: &File, wanted: &[String]) -> HostsRead {
     use std::io::BufRead;
     let mut reader = io::BufReader::new(file);
     let mut parser = HostsParser::new(Some(wanted));
@@ -1681,27 +1687,35 @@ mod tests {
         }
     }
 
-    #[test]
-    fn hosts_file_edit_is_seen_at_once() {
+    /// A hosts file of `text` in a directory of its own (kept while the
+    /// test runs), its path, and the reader of it.
+    fn hosts_file(text: &str) -> (tempfile::TempDir, PathBuf, HostsFile) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("hosts");
-        std::fs::write(&path, "127.0.0.1 a.test\n").unwrap();
+        std::fs::write(&path, text).unwrap();
         let h = HostsFile::new(&path);
-        assert_eq!(h.lookup("a.test"), Some(vec!["127.0.0.1".parse().unwrap()]));
+        (dir, path, h)
+    }
+
+    /// A lookup's answer of the one address `s`.
+    fn one(s: &str) -> Option<Vec<IpAddr>> {
+        Some(vec![s.parse().unwrap()])
+    }
+
+    #[test]
+    fn hosts_file_edit_is_seen_at_once() {
+        let (_dir, path, h) = hosts_file("127.0.0.1 a.test\n");
+        assert_eq!(h.lookup("a.test"), one("127.0.0.1"));
         // Same length, same second: only the nanoseconds or inode differ.
         std::fs::write(&path, "127.0.0.2 a.test\n").unwrap();
-        assert_eq!(h.lookup("a.test"), Some(vec!["127.0.0.2".parse().unwrap()]));
+        assert_eq!(h.lookup("a.test"), one("127.0.0.2"));
         std::fs::remove_file(&path).unwrap();
         assert_eq!(h.lookup("a.test"), None);
     }
 
     #[test]
     fn a_hosts_file_replaced_by_rename_while_it_is_read_is_used_whole() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hosts");
-        std::fs::write(&path, "127.0.0.1 a.test\n").unwrap();
-        let h = HostsFile::new(&path);
-        let ip = |s: &str| Some(vec![s.parse::<IpAddr>().unwrap()]);
+        let (dir, path, h) = hosts_file("127.0.0.1 a.test\n");
         // Each read is overtaken by a new version renamed into place, as a
         // tool that writes a copy and renames it does, again and again.
         let mut version = 1;
@@ -1713,20 +1727,17 @@ mod tests {
             std::fs::rename(&next, &path).unwrap();
             read
         };
-        let logged = warnings(|| assert_eq!(h.lookup_reading("a.test", renaming), ip("127.0.0.1")));
+        let logged =
+            warnings(|| assert_eq!(h.lookup_reading("a.test", renaming), one("127.0.0.1")));
         assert_eq!(logged, "");
         // The next lookup finds the path's file changed and reads it.
-        assert_eq!(h.lookup("a.test"), ip("127.0.0.2"));
+        assert_eq!(h.lookup("a.test"), one("127.0.0.2"));
     }
 
     #[test]
     fn a_hosts_file_changing_during_every_read_keeps_the_last_table_read() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("hosts");
-        std::fs::write(&path, "127.0.0.1 a.test\n").unwrap();
-        let h = HostsFile::new(&path);
-        let ip = |s: &str| Some(vec![s.parse::<IpAddr>().unwrap()]);
-        assert_eq!(h.lookup("a.test"), ip("127.0.0.1"));
+        let (_dir, path, h) = hosts_file("127.0.0.1 a.test\n");
+        assert_eq!(h.lookup("a.test"), one("127.0.0.1"));
         // Rewritten in place during each read, each time longer, so that
         // its stamp changes whatever the timestamps' granularity.
         let mut comment = String::new();
@@ -1738,7 +1749,7 @@ mod tests {
         };
         let logged = warnings(|| {
             for _ in 0..3 {
-                assert_eq!(h.lookup_reading("a.test", &mut in_place), ip("127.0.0.1"));
+                assert_eq!(h.lookup_reading("a.test", &mut in_place), one("127.0.0.1"));
             }
         });
         assert_eq!(
@@ -1751,10 +1762,10 @@ mod tests {
         assert!(logged.contains("the last version read"), "{logged}");
         // Found empty next, just truncated: still a file being rewritten.
         std::fs::write(&path, "").unwrap();
-        assert_eq!(h.lookup("a.test"), ip("127.0.0.1"));
+        assert_eq!(h.lookup("a.test"), one("127.0.0.1"));
         // Once it settles, the next lookup reads it.
         std::fs::write(&path, "127.0.0.9 a.test\n").unwrap();
-        assert_eq!(h.lookup("a.test"), ip("127.0.0.9"));
+        assert_eq!(h.lookup("a.test"), one("127.0.0.9"));
     }
 
     fn stamp_at(secs: i64, nanos: i64) -> FileStamp {

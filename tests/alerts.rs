@@ -6,10 +6,9 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 
 use common::*;
 
@@ -162,20 +161,13 @@ async fn the_alert_rules_fire_on_the_proxys_own_series_and_only_where_they_shoul
     // An open-file limit low enough for the test to bring the proxy near
     // it (prlimit, from util-linux, runs the proxy in its place).
     const NOFILE: f64 = 128.0;
-    let mut child = bin_via("prlimit", &[&format!("--nofile={NOFILE}:{NOFILE}")])
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn failover-proxy");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    // Kills the proxy when the test ends; its lines are read here, and only
-    // until it listens: nobody reads them after, so that lines are dropped.
-    let _p = Running {
-        child,
-        lines: std::sync::mpsc::channel().1,
-    };
+    // Its lines are read here, and only until it listens: nobody reads them
+    // after, so that lines are dropped.
+    let (_p, mut stderr) = Running::spawn_unread(
+        bin_via("prlimit", &[&format!("--nofile={NOFILE}:{NOFILE}")])
+            .arg("--config")
+            .arg(&cfg),
+    );
     let mut at = std::collections::HashMap::new();
     let mut admin = None;
     let mut line = String::new();

@@ -806,19 +806,8 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
     let b = backend(ip(128), "b").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), ip(128), b.addr.port(), "");
-    let mut child = bin()
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn failover-proxy");
-    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
     // Running kills the process if the test fails; its lines are read here.
-    let mut p = Running {
-        child,
-        lines: std::sync::mpsc::channel().1,
-    };
+    let (mut p, mut stderr) = Running::spawn_unread(bin().arg("--config").arg(&cfg));
     let (mut addr, mut admin) = (None, None);
     let mut line = String::new();
     while addr.is_none() || admin.is_none() {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStderr, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -652,6 +652,21 @@ impl Running {
             }
         });
         Running { child, lines }
+    }
+
+    /// Spawns `cmd` with its stderr given to the caller, who reads it by
+    /// hand (or stops reading it) instead of a thread: the returned
+    /// `Running` only kills the process when dropped, and its `lines` get
+    /// nothing.
+    pub fn spawn_unread(cmd: &mut Command) -> (Running, BufReader<ChildStderr>) {
+        let mut child = cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn failover-proxy");
+        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let lines = std_mpsc::channel().1;
+        (Running { child, lines }, stderr)
     }
 
     /// Waits for a log line containing `needle`; the timeout only stops a hang.
