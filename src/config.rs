@@ -44,6 +44,13 @@ pub const ROUTE_KEYS: &[&str] = &[
 /// measurement behind it.
 pub const DEFAULT_RELAY: crate::relay::Mode = crate::relay::Mode::Splice;
 
+/// Shortest active probe interval other than 0s (off). Every client host
+/// runs its own sidecar, each probing every server of the cluster: a typo
+/// such as `1ms` for `1m` would have each of them open a thousand probe
+/// connections a second to every server, and nothing on the client side
+/// would show it.
+pub const MIN_PROBE_INTERVAL: Duration = Duration::from_millis(100);
+
 /// Upper bound of the passive retry back-off (SPEC: "doubling, at most 30 s").
 pub const MAX_RETRY_DOWN_AFTER: Duration = Duration::from_secs(30);
 
@@ -418,6 +425,19 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
             &["interval", "down_after", "up_after", "retry_down_after"],
         );
         let interval = r.duration(d, "health", "interval", secs(5));
+        if !interval.is_zero() && interval < MIN_PROBE_INTERVAL {
+            r.problem(
+                d,
+                "health",
+                "interval",
+                None,
+                format!(
+                    "must be 0s (no probes) or at least 100ms: {} would probe every server {:.0} times a second",
+                    humantime::format_duration(interval),
+                    1.0 / interval.as_secs_f64()
+                ),
+            );
+        }
         let down_after = r.count(d, "health", "down_after", 1);
         let up_after = r.count(d, "health", "up_after", 1);
         let retry = r.duration(d, "health", "retry_down_after", secs(1));

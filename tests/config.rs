@@ -606,6 +606,51 @@ fn nameservers_are_addresses_with_a_real_port() {
 }
 
 #[test]
+fn durations_outside_their_range_are_refused_naming_the_key() {
+    Jail::expect_with(|jail| {
+        // The bounds themselves are accepted, and 0s turns probes off.
+        for (name, interval) in [("a.toml", "100ms"), ("b.toml", "0s")] {
+            jail.create_file(
+                name,
+                &format!(
+                    "{ROUTE}[health]\ninterval = \"{interval}\"\nretry_down_after = \"30s\"\n"
+                ),
+            )?;
+            load_file(jail, name).map_err(|e| e.to_string())?;
+        }
+        jail.create_file(
+            "c.toml",
+            &format!(
+                "{ROUTE}connect_timeout = \"0s\"\n[health]\ninterval = \"1ms\"\nretry_down_after = \"31s\"\n[resolver]\ntimeout = \"0s\"\n"
+            ),
+        )?;
+        let e = load_file(jail, "c.toml").expect_err("must fail");
+        let text = e.to_string();
+        let got: Vec<(String, String, String)> = problems(&e);
+        for (key, want) in [
+            ("route[0].connect_timeout", "must be more than 0s"),
+            // A typo for 1m: every client host's sidecar would probe every
+            // server a thousand times a second.
+            (
+                "health.interval",
+                "must be 0s (no probes) or at least 100ms: 1ms would probe every server 1000 times a second",
+            ),
+            ("health.retry_down_after", "must be at most 30s"),
+            ("resolver.timeout", "must be more than 0s"),
+        ] {
+            assert!(
+                got.iter().any(|(k, source, m)| k == key
+                    && source.contains("c.toml")
+                    && m.contains(want)),
+                "{key}: {want:?} not in {text}"
+            );
+        }
+        assert_eq!(got.len(), 4, "{text}");
+        Ok(())
+    });
+}
+
+#[test]
 fn toml_syntax_error_names_the_file() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", "[[route]\nlisten = ")?;
