@@ -663,10 +663,22 @@ def ratio(v, base):
     return f"{x:.2g}×" if x < 0.01 else f"{x:,.2f}×"
 
 
+def congestion_control():
+    """The host's TCP congestion control: it sets the bulk row's scale. On
+    loopback, BBR paces every sender (the proxies' upstream sockets too)
+    and caps each hop near the same rate, so the proxies' bulk figures
+    meet; with cubic they spread by how much each proxy's copy costs."""
+    try:
+        return Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError as e:
+        return f"unknown ({e.strerror})"
+
+
 def render(med):
     cols = list(med)
     lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}; "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}, "
+        f"TCP congestion control {congestion_control()}; "
         f"{time.strftime('%Y-%m-%d')}; {RUNS} runs of {SECONDS} s, medians. "
         "Ratios: to direct / to HAProxy (above 1 is better for rates, below 1 for times and memory).",
         "",
