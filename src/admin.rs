@@ -172,7 +172,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     }
     match req.uri().path() {
         "/metrics" => {
-            crate::metrics::collect_process();
+            let cpu = crate::metrics::collect_process();
             let mut body = state.metrics.render();
             let (routes, own) = state.routes();
             let series: Vec<_> = routes
@@ -184,6 +184,7 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
                 })
                 .collect();
             crate::metrics::render_routes(&mut body, &series);
+            crate::metrics::render_process_cpu(&mut body, cpu);
             text(
                 StatusCode::OK,
                 body,

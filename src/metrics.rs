@@ -54,14 +54,46 @@ static HANDLE: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new(
 /// The process's own figures (CPU, memory, open descriptors against the
 /// limit, threads, start time), as every Prometheus client library gives
 /// them, named with this proxy's prefix as the contract wants all names:
-/// `failover_proxy_process_open_fds`, and so on.
-static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+/// `failover_proxy_process_open_fds`, and so on. metrics-process reads
+/// them; the gauges go through the recorder.
+const PROCESS_PREFIX: &str = "failover_proxy_";
+const PROCESS_CPU: &str = "failover_proxy_process_cpu_seconds_total";
 
-/// Brings the process figures up to date; called at each scrape.
-pub fn collect_process() {
-    if let Some(c) = PROCESS.get() {
-        c.collect();
+/// Brings the process gauges up to date (called at each scrape) and
+/// returns the CPU seconds for [`render_process_cpu`]. The recorder's
+/// counters hold whole numbers: through it, a sidecar's CPU time, mostly
+/// fractions of a second between scrapes, read 0 after 0.28 s of work.
+pub fn collect_process() -> Option<f64> {
+    let m = metrics_process::collector::collect();
+    for (name, v) in [
+        ("process_open_fds", m.open_fds),
+        ("process_max_fds", m.max_fds),
+        ("process_virtual_memory_bytes", m.virtual_memory_bytes),
+        (
+            "process_virtual_memory_max_bytes",
+            m.virtual_memory_max_bytes,
+        ),
+        ("process_resident_memory_bytes", m.resident_memory_bytes),
+        ("process_start_time_seconds", m.start_time_seconds),
+        ("process_threads", m.threads),
+    ] {
+        if let Some(v) = v {
+            gauge!(format!("{PROCESS_PREFIX}{name}")).set(v as f64);
+        }
     }
+    m.cpu_seconds_total
+}
+
+/// Appends the process's CPU seconds, as a counter with its fraction.
+pub fn render_process_cpu(out: &mut String, seconds: Option<f64>) {
+    let Some(seconds) = seconds else { return };
+    family(
+        out,
+        PROCESS_CPU,
+        "counter",
+        "Total user and system CPU time spent in seconds.",
+        &format!("{PROCESS_CPU} {seconds}\n"),
+    );
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -99,15 +131,15 @@ fn build_and_install() -> Result<PrometheusHandle, MetricsError> {
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
     metrics::counter!(LOG_LINES_DROPPED).absolute(crate::logging::dropped_lines());
     describe();
-    let process = metrics_process::Collector::new("failover_proxy_");
-    process.describe();
+    // The gauges' help texts; the CPU counter, which the recorder never
+    // holds, has its own in render_process_cpu.
+    metrics_process::Collector::new(PROCESS_PREFIX).describe();
     // The collector computes the start from the boot time in /proc/stat,
     // which the unit's ProcSubset=pid hides; the recorder's install, at
     // start, stands in for it there (the collector's value wins elsewhere).
     if let Ok(since) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
         gauge!("failover_proxy_process_start_time_seconds").set(since.as_secs() as f64);
     }
-    let _ = PROCESS.set(process);
     Ok(handle)
 }
 

@@ -1319,6 +1319,38 @@ async fn the_process_figures_are_scraped_with_the_proxy_prefix() {
         (open + 20.0..=open + 21.0).contains(&now),
         "{open} then {now}"
     );
+    // The CPU seconds are the kernel's count, fraction included: a
+    // sidecar's CPU time is mostly fractions of a second, and a whole-number
+    // counter read 0 through them. Scrapes cost CPU, so the count reaches a
+    // tick; it must then lie between the counts read either side of a scrape.
+    let pid = p.child.id();
+    let ticks = within("a tick of CPU time", async {
+        loop {
+            let t = cpu_ticks(pid);
+            if t > 0 {
+                return t;
+            }
+            scrape(admin).await;
+        }
+    })
+    .await;
+    let seconds = figure(&scrape(admin).await, "cpu_seconds_total");
+    let after = cpu_ticks(pid);
+    assert!(
+        (ticks as f64 / 100.0..=after as f64 / 100.0).contains(&seconds),
+        "{seconds} s, not within {ticks} to {after} ticks"
+    );
+}
+
+/// User plus system time of `pid`, in the clock ticks of `/proc` (USER_HZ,
+/// 100 a second on Linux whatever the kernel's own rate).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name, in parentheses and free to hold spaces:
+    // state is field 3, utime 14 and stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
