@@ -294,22 +294,53 @@ pub fn figment(path: &ConfigPath) -> Result<Figment, ConfigError> {
     let mut fig = Figment::new();
     match path {
         ConfigPath::Named(p, how) => {
-            if !p.is_file() {
-                return Err(ConfigError::one(
-                    "",
-                    format!("config file {} (named by {how})", p.display()),
-                    "does not exist or is not a file".into(),
-                ));
+            let source = format!("config file {} (named by {how})", p.display());
+            match std::fs::metadata(p) {
+                Ok(m) if m.is_file() => {}
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(unreadable(source, &e));
+                }
+                _ => {
+                    return Err(ConfigError::one(
+                        "",
+                        source,
+                        "does not exist or is not a file".into(),
+                    ));
+                }
+            }
+            if let Err(e) = std::fs::File::open(p) {
+                return Err(unreadable(source, &e));
             }
             fig = fig.merge(Toml::file_exact(p));
         }
         ConfigPath::Default(p) => {
-            if p.exists() {
-                fig = fig.merge(Toml::file_exact(p));
+            let source = format!("config file {} (the default)", p.display());
+            // A default file that is there but cannot be read is an error,
+            // not a file to pass over: its routes would be missing.
+            match std::fs::metadata(p).and_then(|_| std::fs::File::open(p)) {
+                Ok(_) => fig = fig.merge(Toml::file_exact(p)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(unreadable(source, &e)),
             }
         }
     }
     Ok(fig.merge(env_provider()))
+}
+
+/// A config file that is there but cannot be read. Under the systemd unit
+/// the proxy runs as a dynamic user, and a file installed with mode 600
+/// said only "Permission denied": the message names the user to grant.
+fn unreadable(source: String, e: &std::io::Error) -> ConfigError {
+    let hint = if e.kind() == std::io::ErrorKind::PermissionDenied {
+        format!(
+            "; this process runs as uid {}, which must be able to read the file and its \
+             directories (the systemd unit runs it as a dynamic user: mode 644 on the file)",
+            rustix::process::getuid().as_raw()
+        )
+    } else {
+        String::new()
+    };
+    ConfigError::one("", source, format!("cannot be read: {e}{hint}"))
 }
 
 pub fn env_provider() -> Env {

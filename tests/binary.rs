@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use common::*;
@@ -483,6 +484,49 @@ async fn invalid_config_exits_2_with_one_line_per_problem() {
     );
     let out = bin().arg("--no-such-flag").output().unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn a_config_file_the_process_cannot_read_names_its_uid() {
+    // Installed with mode 600 by root, the file was unreadable to the
+    // systemd unit's dynamic user, and the error said only "Permission
+    // denied". Mode 000 here; root reads anything unless it loses
+    // CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, which setpriv takes away.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("secret.toml");
+    std::fs::write(
+        &cfg,
+        "[[route]]\nlisten = \"127.0.0.1:41000\"\nalias = \"a.test\"\nport = 1\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    let mut cmd = if root {
+        bin_via(
+            "setpriv",
+            &[
+                "--bounding-set",
+                "-dac_override,-dac_read_search",
+                "--inh-caps",
+                "-all",
+            ],
+        )
+    } else {
+        bin()
+    };
+    let out = cmd.arg("-c").arg(&cfg).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&*cfg.to_string_lossy())
+            && err.contains("cannot be read: Permission denied")
+            && err.contains("this process runs as uid ")
+            && err.contains("mode 644"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

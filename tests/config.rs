@@ -384,6 +384,37 @@ fn missing_named_file_and_missing_routes_are_errors() {
 }
 
 #[test]
+fn a_config_file_that_is_there_but_cannot_be_read_is_an_error_not_skipped() {
+    Jail::expect_with(|jail| {
+        // A symbolic link to itself: there, and never readable, even by
+        // root. The default file in that state used to be passed over, and
+        // its routes went missing without a word about the file.
+        let looped = jail.directory().join("looped.toml");
+        std::os::unix::fs::symlink(&looped, &looped).map_err(|e| e.to_string())?;
+        for (path, how) in [
+            (ConfigPath::Default(looped.clone()), "(the default)"),
+            (
+                ConfigPath::Named(looped.clone(), "--config".into()),
+                "(named by --config)",
+            ),
+        ] {
+            let e = config::load(&path).expect_err("an unreadable file");
+            let p = problems(&e);
+            assert_eq!(p.len(), 1, "{p:?}");
+            assert!(
+                p[0].1.contains("looped.toml") && p[0].1.contains(how),
+                "{p:?}"
+            );
+            assert!(
+                p[0].2.starts_with("cannot be read: ") && p[0].2.contains("symbolic links"),
+                "{p:?}"
+            );
+        }
+        Ok(())
+    });
+}
+
+#[test]
 fn a_route_without_a_required_key_is_refused_naming_the_key() {
     Jail::expect_with(|jail| {
         jail.create_file(
