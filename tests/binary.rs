@@ -500,23 +500,7 @@ fn a_config_file_the_process_cannot_read_names_its_uid() {
     )
     .unwrap();
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    let mut cmd = if root {
-        bin_via(
-            "setpriv",
-            &[
-                "--bounding-set",
-                "-dac_override,-dac_read_search",
-                "--inh-caps",
-                "-all",
-            ],
-        )
-    } else {
-        bin()
-    };
+    let mut cmd = bin_without("-dac_override,-dac_read_search");
     let out = cmd.arg("-c").arg(&cfg).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
@@ -1088,17 +1072,8 @@ async fn a_port_below_the_unprivileged_start_is_refused_with_the_way_out() {
         ),
     )
     .unwrap();
-    // Root binds any port: run it without the capability (setpriv, from
-    // util-linux, takes it out of the bounding set for the exec).
-    let root = std::fs::read_to_string("/proc/self/status")
-        .unwrap()
-        .lines()
-        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
-    let mut cmd = if root {
-        bin_via("setpriv", &["--bounding-set", "-net_bind_service"])
-    } else {
-        bin()
-    };
+    // Root binds any port: run it without the capability.
+    let mut cmd = bin_without("-net_bind_service");
     let out = cmd.arg("-c").arg(&cfg).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -1384,6 +1359,22 @@ async fn the_process_figures_are_scraped_with_the_proxy_prefix() {
         (ticks as f64 / 100.0..=after as f64 / 100.0).contains(&seconds),
         "{seconds} s, not within {ticks} to {after} ticks"
     );
+}
+
+/// The binary without `caps` (setpriv's form, "-net_bind_service") when
+/// this test runs as root, which reads any file and binds any port unless
+/// setpriv (util-linux) takes the capability out of the bounding set for
+/// the exec; other users have none of them to lose.
+fn bin_without(caps: &str) -> std::process::Command {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0"));
+    if root {
+        bin_via("setpriv", &["--bounding-set", caps])
+    } else {
+        bin()
+    }
 }
 
 /// User plus system time of `pid`, in the clock ticks of `/proc` (USER_HZ,
