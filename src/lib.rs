@@ -598,37 +598,19 @@ impl Server {
 /// running ones of `old`, so that the configuration kept is what runs and
 /// the next reload compares against it; returns the keys that changed.
 fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
-    fn keep<T: PartialEq + Clone>(key: &'static str, old: &T, new: &mut T, keys: &mut Vec<&str>) {
-        if new != old {
-            keys.push(key);
-            new.clone_from(old);
-        }
-    }
     let mut keys = Vec::new();
-    keep(
-        "admin.listen",
-        &old.admin.listen,
-        &mut new.admin.listen,
-        &mut keys,
-    );
-    keep(
-        "admin.allow_non_loopback",
-        &old.admin.allow_non_loopback,
-        &mut new.admin.allow_non_loopback,
-        &mut keys,
-    );
-    keep(
-        "log.format",
-        &old.log.format,
-        &mut new.log.format,
-        &mut keys,
-    );
-    keep(
-        "runtime.worker_threads",
-        &old.runtime.worker_threads,
-        &mut new.runtime.worker_threads,
-        &mut keys,
-    );
+    macro_rules! keep {
+        ($key:literal, $($field:ident).+) => {
+            if new.$($field).+ != old.$($field).+ {
+                keys.push($key);
+                new.$($field).+.clone_from(&old.$($field).+);
+            }
+        };
+    }
+    keep!("admin.listen", admin.listen);
+    keep!("admin.allow_non_loopback", admin.allow_non_loopback);
+    keep!("log.format", log.format);
+    keep!("runtime.worker_threads", runtime.worker_threads);
     keys
 }
 

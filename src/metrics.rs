@@ -66,19 +66,28 @@ const PROCESS_CPU: &str = "failover_proxy_process_cpu_seconds_total";
 pub fn collect_process() -> Option<f64> {
     let m = metrics_process::collector::collect();
     for (name, v) in [
-        ("process_open_fds", m.open_fds),
-        ("process_max_fds", m.max_fds),
-        ("process_virtual_memory_bytes", m.virtual_memory_bytes),
+        ("failover_proxy_process_open_fds", m.open_fds),
+        ("failover_proxy_process_max_fds", m.max_fds),
         (
-            "process_virtual_memory_max_bytes",
+            "failover_proxy_process_virtual_memory_bytes",
+            m.virtual_memory_bytes,
+        ),
+        (
+            "failover_proxy_process_virtual_memory_max_bytes",
             m.virtual_memory_max_bytes,
         ),
-        ("process_resident_memory_bytes", m.resident_memory_bytes),
-        ("process_start_time_seconds", m.start_time_seconds),
-        ("process_threads", m.threads),
+        (
+            "failover_proxy_process_resident_memory_bytes",
+            m.resident_memory_bytes,
+        ),
+        (
+            "failover_proxy_process_start_time_seconds",
+            m.start_time_seconds,
+        ),
+        ("failover_proxy_process_threads", m.threads),
     ] {
         if let Some(v) = v {
-            gauge!(format!("{PROCESS_PREFIX}{name}")).set(v as f64);
+            gauge!(name).set(v as f64);
         }
     }
     m.cpu_seconds_total

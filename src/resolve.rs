@@ -670,7 +670,7 @@ impl Resolver {
             Some(NetError::Dns(DnsError::ResponseCode(ResponseCode::ServFail))) => {
                 Err(ResolveError::ServFail { alias: alias() })
             }
-            Some(NetError::NoConnections | NetError::Io(_)) => Err(ResolveError::Unreachable {
+            Some(e) if unreached_server(&e) => Err(ResolveError::Unreachable {
                 alias: alias(),
                 servers: lock(&unreached)
                     .iter()
@@ -780,13 +780,22 @@ async fn ask_one(
     unreached: &Mutex<Vec<SocketAddr>>,
 ) -> Result<Lookup, NetError> {
     let r = server.resolver.lookup(name, rtype).await;
-    if let Err(NetError::NoConnections | NetError::Io(_)) = &r {
+    if let Err(e) = &r
+        && unreached_server(e)
+    {
         let mut u = lock(unreached);
         if !u.contains(&server.at) {
             u.push(server.at);
         }
     }
     r
+}
+
+/// Whether hickory's error means a server refused (its port closed) or
+/// could not be reached: the servers that did so are named in
+/// [`ResolveError::Unreachable`], which these errors become.
+fn unreached_server(e: &NetError) -> bool {
+    matches!(e, NetError::NoConnections | NetError::Io(_))
 }
 
 const RESOLV_CONF: &str = "/etc/resolv.conf";

@@ -750,6 +750,40 @@ fn dns_only_resolver(
     resolver(dns, None, failover_proxy::config::Family::Ipv4)
 }
 
+/// A DNS-only resolver asking `nameservers` with `timeout` for the whole
+/// resolution.
+fn resolver_with_timeout(
+    nameservers: Vec<std::net::SocketAddr>,
+    family: failover_proxy::config::Family,
+    timeout: Duration,
+) -> std::sync::Arc<failover_proxy::resolve::Resolver> {
+    std::sync::Arc::new(
+        failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
+            timeout,
+            ..resolver_config(nameservers, family)
+        })
+        .expect("resolver"),
+    )
+}
+
+/// `name` resolved once through [`resolver_with_timeout`]; the test stops
+/// at HANG, so a `timeout` beyond it makes an outcome that waited it out
+/// fail instead of passing late.
+async fn resolve_once(
+    nameservers: Vec<std::net::SocketAddr>,
+    family: failover_proxy::config::Family,
+    timeout: Duration,
+    name: &str,
+) -> Result<failover_proxy::resolve::Answer, failover_proxy::resolve::ResolveError> {
+    let r = resolver_with_timeout(nameservers, family, timeout);
+    within(
+        name,
+        r.resolve(&failover_proxy::config::Alias::parse(name).unwrap()),
+    )
+    .await
+    .result
+}
+
 #[tokio::test]
 async fn connections_that_arrive_together_share_one_dns_query() {
     let dns = DnsServer::start().await;
@@ -879,15 +913,7 @@ async fn a_family_whose_query_goes_unanswered_does_not_hold_back_the_other() {
     let v6: IpAddr = "::1".parse().unwrap();
     dns.set("v4.test", Behavior::DropsOtherType(vec![ip(5), ip(6)]));
     dns.set("v6.test", Behavior::DropsOtherType(vec![v6]));
-    let resolver = |timeout| {
-        std::sync::Arc::new(
-            failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-                timeout,
-                ..resolver_config(vec![dns.addr], Family::Any)
-            })
-            .expect("resolver"),
-        )
-    };
+    let resolver = |timeout| resolver_with_timeout(vec![dns.addr], Family::Any, timeout);
     // AAAA dropped: the A answer serves without waiting out the timeout.
     let timeout = Duration::from_secs(10);
     let r = resolver(timeout);
@@ -1068,7 +1094,7 @@ async fn a_truncated_dns_answer_is_asked_again_over_tcp() {
 
 #[tokio::test]
 async fn every_nameserver_is_asked_until_one_answers() {
-    use failover_proxy::config::{Alias, Family, ResolverConfig};
+    use failover_proxy::config::Family;
     use failover_proxy::resolve::ResolveError;
 
     let server = |b: Behavior| async move {
@@ -1082,23 +1108,9 @@ async fn every_nameserver_is_asked_until_one_answers() {
     let refused = server(Behavior::Refused).await;
     let nxdomain = server(Behavior::NxDomain).await;
     let good = server(Behavior::Records(vec![ip(31)], 60)).await;
-    let resolve = |nameservers: Vec<std::net::SocketAddr>| async move {
-        // Longer than HANG: an outcome that waited for a silent server's
-        // timeout stops the test instead of passing late.
-        let resolver = std::sync::Arc::new(
-            failover_proxy::resolve::Resolver::new(&ResolverConfig {
-                timeout: HANG * 2,
-                ..resolver_config(nameservers, Family::Ipv4)
-            })
-            .expect("resolver"),
-        );
-        within(
-            "resolution",
-            resolver.resolve(&Alias::parse("cluster.test").unwrap()),
-        )
-        .await
-        .result
-    };
+    // Longer than HANG: an outcome that waited for a silent server's
+    // timeout stops the test instead of passing late.
+    let resolve = |nameservers| resolve_once(nameservers, Family::Ipv4, HANG * 2, "cluster.test");
 
     // The system resolver moves on to the next server after a SERVFAIL, a
     // REFUSED or no reply; so does the proxy, for every server listed.
@@ -1261,7 +1273,7 @@ fn resolv_conf_problems_at_start_name_the_file() {
 
 #[tokio::test]
 async fn a_dns_server_whose_port_is_closed_fails_the_resolution_at_once_naming_it() {
-    use failover_proxy::config::{Alias, Family};
+    use failover_proxy::config::Family;
     use failover_proxy::resolve::ResolveErrorKind;
 
     // A local resolver that is stopped: its port answers with ICMP port
@@ -1272,21 +1284,7 @@ async fn a_dns_server_whose_port_is_closed_fails_the_resolution_at_once_naming_i
         closed.local_addr().unwrap()
     };
     // closed.test asked of `servers`, with a timeout no test waits out.
-    let resolve = |servers, family| async move {
-        let r = std::sync::Arc::new(
-            failover_proxy::resolve::Resolver::new(&failover_proxy::config::ResolverConfig {
-                timeout: HANG * 3,
-                ..resolver_config(servers, family)
-            })
-            .expect("resolver"),
-        );
-        within(
-            "closed.test",
-            r.resolve(&Alias::parse("closed.test").unwrap()),
-        )
-        .await
-        .result
-    };
+    let resolve = |servers, family| resolve_once(servers, family, HANG * 3, "closed.test");
     let dns = closed_port(168);
     let e = resolve(vec![dns], Family::Any)
         .await
