@@ -12,11 +12,12 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use tokio::sync::Notify;
 use tracing::{Event, Level, Subscriber};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::fmt::FmtContext;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, JsonFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogConfig, LogFormat};
@@ -30,6 +31,10 @@ pub const QUEUED_LINES: usize = 4096;
 const FLUSH_AT_EXIT: Duration = Duration::from_secs(2);
 
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Told when a line is dropped, so that the reporter sleeps until then: a
+/// ticking reporter woke an idle proxy every second for nothing.
+static DROP_NOTICED: Notify = Notify::const_new();
 
 /// Replaces the installed filter. A closure, because the reload handle's
 /// type names the line format, which differs between text and JSON.
@@ -121,6 +126,10 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
         .thread_name("log-writer")
         .finish(std::io::stderr());
     let dropped = writer.error_counter();
+    let writer = Noticing {
+        inner: writer,
+        dropped: dropped.clone(),
+    };
     let journal = stderr_is_journal(std::env::var_os("JOURNAL_STREAM"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -159,6 +168,44 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
     }
     let _ = DROPPED.set(dropped);
     Ok(LogGuard(Some(worker)))
+}
+
+/// The queue's writer, telling [`report_dropped`] when a line it was given
+/// was dropped: an atomic load either side of each line.
+struct Noticing {
+    inner: NonBlocking,
+    dropped: ErrorCounter,
+}
+
+struct NoticingWriter<'a> {
+    inner: NonBlocking,
+    dropped: &'a ErrorCounter,
+}
+
+impl<'a> MakeWriter<'a> for Noticing {
+    type Writer = NoticingWriter<'a>;
+
+    fn make_writer(&'a self) -> NoticingWriter<'a> {
+        NoticingWriter {
+            inner: self.inner.make_writer(),
+            dropped: &self.dropped,
+        }
+    }
+}
+
+impl std::io::Write for NoticingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let before = self.dropped.dropped_lines();
+        let written = self.inner.write(buf);
+        if self.dropped.dropped_lines() != before {
+            DROP_NOTICED.notify_one();
+        }
+        written
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// A `SetFilter` for the reload handle of either line format.
@@ -223,22 +270,29 @@ fn stderr_is_journal(journal_stream: Option<std::ffi::OsString>) -> bool {
 }
 
 /// Keeps the `log_lines_dropped_total` counter, and logs how many lines
-/// were dropped (see `DropReport`).
+/// were dropped (see `DropReport`). Asleep until a line is dropped, then
+/// ticks each second until every drop has been reported.
 pub async fn report_dropped() {
     let counter = metrics::counter!(crate::metrics::LOG_LINES_DROPPED);
     let mut report = DropReport::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
-        let dropped = dropped_lines();
-        counter.absolute(dropped);
-        if let Some(lines) = report.due(dropped) {
-            tracing::warn!(
-                dropped = lines,
-                "log lines dropped: stderr was not read fast enough"
-            );
-            report.made(dropped, dropped_lines());
+        DROP_NOTICED.notified().await;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let dropped = dropped_lines();
+            counter.absolute(dropped);
+            if let Some(lines) = report.due(dropped) {
+                tracing::warn!(
+                    dropped = lines,
+                    "log lines dropped: stderr was not read fast enough"
+                );
+                report.made(dropped, dropped_lines());
+            }
+            if report.settled() {
+                break;
+            }
         }
     }
 }
@@ -271,6 +325,12 @@ impl DropReport {
             self.reported = before;
         }
     }
+
+    /// Every line dropped by the last tick has been reported: nothing is
+    /// due until another is dropped.
+    fn settled(&self) -> bool {
+        self.reported == self.seen
+    }
 }
 
 #[cfg(test)]
@@ -280,14 +340,18 @@ mod tests {
     #[test]
     fn dropped_lines_are_reported_once_the_drops_stop_and_each_only_once() {
         let mut r = DropReport::default();
-        // Nothing dropped: nothing to say.
+        // Nothing dropped: nothing to say, and nothing to wait for.
         assert_eq!(r.due(0), None);
+        assert!(r.settled());
         assert_eq!(r.due(0), None);
         // A stall: not while it lasts, then once.
         assert_eq!(r.due(100), None);
+        assert!(!r.settled());
         assert_eq!(r.due(300), None);
         assert_eq!(r.due(300), Some(300));
+        assert!(!r.settled(), "not settled until the report is made");
         r.made(300, 300);
+        assert!(r.settled());
         assert_eq!(r.due(300), None);
         assert_eq!(r.due(300), None);
         // Another: only the lines since.
@@ -295,9 +359,12 @@ mod tests {
         assert_eq!(r.due(310), Some(10));
         // The report itself was dropped: made again with what came since.
         r.made(310, 311);
+        assert!(!r.settled());
         assert_eq!(r.due(311), None);
+        assert!(!r.settled());
         assert_eq!(r.due(311), Some(11));
         r.made(311, 311);
+        assert!(r.settled());
         assert_eq!(r.due(311), None);
     }
 }
