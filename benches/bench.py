@@ -595,7 +595,8 @@ def main():
                         # Before the load runs: after them, the new
                         # connections would reuse memory that earlier ones
                         # freed (failover-proxy's histogram samples, folded
-                        # every 5 s, left room for all of them), and the
+                        # after each 4,096 a thread records, left room for
+                        # them), and the
                         # growth would show that, not what a connection holds.
                         rec(mode, "idle_kib", idle_memory(pid, ports["hold"], env))
                     try:

@@ -101,8 +101,8 @@ pub struct Server {
     shared: Arc<RwLock<Shared>>,
     admin_listener: Option<TcpListener>,
     admin: Option<Arc<admin::AdminState>>,
-    /// The metrics recorder's handle, for its upkeep whether or not the
-    /// admin endpoint serves it.
+    /// The metrics recorder's handle, for folding histogram samples
+    /// whether or not the admin endpoint serves them.
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     passed: Passed,
 }
@@ -303,20 +303,11 @@ impl Server {
     pub async fn serve(mut self, mut control: mpsc::Receiver<Control>) {
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
         let (admin_stop, admin_stop_rx) = watch::channel(false);
-        // Histogram samples are kept until upkeep (or a scrape) folds them
-        // into their buckets: without it, every connection would leave
-        // about 66 bytes behind for good. So it runs whether or not the
+        // Histogram samples are kept until a fold (or a scrape) puts them
+        // in their buckets: without folds, every connection would leave
+        // about 66 bytes behind for good. So they run whether or not the
         // admin endpoint is on.
-        let upkeep = {
-            let h = self.metrics.clone();
-            tokio::spawn(async move {
-                let mut t = tokio::time::interval(std::time::Duration::from_secs(5));
-                loop {
-                    t.tick().await;
-                    h.run_upkeep();
-                }
-            })
-        };
+        let upkeep = tokio::spawn(crate::metrics::fold_samples(self.metrics.clone()));
         let mut slots: HashMap<SocketAddr, Slot> = HashMap::new();
         let mut order: Vec<SocketAddr> = Vec::new();
         let pending = std::mem::take(&mut self.pending);

@@ -7,11 +7,14 @@
 //! read from its last answer, both written out at each scrape. Their
 //! address values only ever come from an answer.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
+
+use tokio::sync::Notify;
 
 use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 use metrics_exporter_prometheus::formatting::{
@@ -50,6 +53,51 @@ const LIFETIME_BUCKETS: &[f64] = &[
 ];
 
 static HANDLE: OnceLock<Result<PrometheusHandle, MetricsError>> = OnceLock::new();
+
+/// Histogram samples a thread records before it has them folded into
+/// their buckets: the recorder keeps each sample (tens of bytes) until a
+/// fold or a scrape, so this bounds that memory to a few hundred KiB a
+/// thread, whether or not anything scrapes.
+pub const FOLD_AFTER: u32 = 4096;
+
+thread_local! {
+    /// Samples this thread recorded since it last asked for a fold.
+    static UNFOLDED: Cell<u32> = const { Cell::new(0) };
+}
+
+/// Asks [`fold_samples`] for a fold. Counted, not timed: a timer folding
+/// every few seconds woke an idle proxy for nothing.
+static FOLD: Notify = Notify::const_new();
+
+/// A histogram whose samples count towards the next fold.
+#[derive(Debug)]
+pub struct Sampled(Histogram);
+
+impl Sampled {
+    pub fn record(&self, value: f64) {
+        self.0.record(value);
+        // A thread-local count: a shared one would be a contended atomic
+        // on every connection.
+        UNFOLDED.with(|n| {
+            let count = n.get() + 1;
+            if count >= FOLD_AFTER {
+                n.set(0);
+                FOLD.notify_one();
+            } else {
+                n.set(count);
+            }
+        });
+    }
+}
+
+/// Folds the recorded histogram samples into their buckets each time a
+/// thread has recorded [`FOLD_AFTER`]; asleep otherwise.
+pub async fn fold_samples(handle: PrometheusHandle) {
+    loop {
+        FOLD.notified().await;
+        handle.run_upkeep();
+    }
+}
 
 /// The process's own figures (CPU, memory, open descriptors against the
 /// limit, threads, start time), as every Prometheus client library gives
@@ -210,14 +258,14 @@ pub struct RouteMetrics {
     pub active: Gauge,
     failed: [Counter; 3],
     pub failovers: Counter,
-    pub connect_duration: Histogram,
-    resolve_dns: Histogram,
-    resolve_hosts: Histogram,
+    pub connect_duration: Sampled,
+    resolve_dns: Sampled,
+    resolve_hosts: Sampled,
     resolve_errors: [Counter; 5],
     pub stale: Counter,
     /// Bytes to the upstream, then to the client.
     pub bytes: [Counter; 2],
-    pub connection_duration: Histogram,
+    pub connection_duration: Sampled,
     counted: Mutex<Counted>,
 }
 
@@ -254,9 +302,13 @@ impl RouteMetrics {
             active: gauge!(CONNECTIONS_ACTIVE, "route" => r.clone()),
             failed: [failed("resolve"), failed("connect"), failed("limit")],
             failovers: counter!(FAILOVERS, "route" => r.clone()),
-            connect_duration: histogram!(UPSTREAM_CONNECT_DURATION, "route" => r.clone()),
-            resolve_dns: histogram!(RESOLVE_DURATION, "route" => r.clone(), "source" => "dns"),
-            resolve_hosts: histogram!(RESOLVE_DURATION, "route" => r.clone(), "source" => "hosts"),
+            connect_duration: Sampled(histogram!(UPSTREAM_CONNECT_DURATION, "route" => r.clone())),
+            resolve_dns: Sampled(
+                histogram!(RESOLVE_DURATION, "route" => r.clone(), "source" => "dns"),
+            ),
+            resolve_hosts: Sampled(
+                histogram!(RESOLVE_DURATION, "route" => r.clone(), "source" => "hosts"),
+            ),
             resolve_errors: [
                 rerr(ResolveErrorKind::NxDomain),
                 rerr(ResolveErrorKind::NoRecords),
@@ -269,7 +321,7 @@ impl RouteMetrics {
                 counter!(BYTES, "route" => r.clone(), "direction" => "to_upstream"),
                 counter!(BYTES, "route" => r.clone(), "direction" => "to_client"),
             ],
-            connection_duration: histogram!(CONNECTION_DURATION, "route" => r.clone()),
+            connection_duration: Sampled(histogram!(CONNECTION_DURATION, "route" => r.clone())),
             counted: Mutex::new(Counted::default()),
         }
     }
