@@ -77,8 +77,9 @@ impl Sampled {
     pub fn record(&self, value: f64) {
         self.0.record(value);
         // A thread-local count: a shared one would be a contended atomic
-        // on every connection.
-        UNFOLDED.with(|n| {
+        // on every connection. (`try_with`: a thread being torn down
+        // skips the count rather than panic.)
+        let _ = UNFOLDED.try_with(|n| {
             let count = n.get() + 1;
             if count >= FOLD_AFTER {
                 n.set(0);
