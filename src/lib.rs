@@ -307,7 +307,7 @@ impl Server {
         // in their buckets: without folds, every connection would leave
         // about 66 bytes behind for good. So they run whether or not the
         // admin endpoint is on.
-        let upkeep = tokio::spawn(crate::metrics::fold_samples(self.metrics.clone()));
+        let folds = tokio::spawn(crate::metrics::fold_samples(self.metrics.clone()));
         let mut slots: HashMap<SocketAddr, Slot> = HashMap::new();
         let mut order: Vec<SocketAddr> = Vec::new();
         let pending = std::mem::take(&mut self.pending);
@@ -365,7 +365,7 @@ impl Server {
         if let Some(w) = watchdog {
             w.abort();
         }
-        upkeep.abort();
+        folds.abort();
         drop(drain_tx);
         let drain = self.config.shutdown.drain_timeout;
         tracing::info!(drain_timeout = ?drain, "stopped accepting; draining open connections");
