@@ -335,7 +335,68 @@ impl DropReport {
 
 #[cfg(test)]
 mod tests {
-    use super::DropReport;
+    use super::*;
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::task::{Context, Poll, Waker};
+
+    /// A log reader that stops reading: its first write says so on
+    /// `entered`, then waits until `release` is dropped or sent to.
+    struct Stalled {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn told(n: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
+        matches!(
+            n.poll(&mut Context::from_waker(Waker::noop())),
+            Poll::Ready(())
+        )
+    }
+
+    #[test]
+    fn the_reporter_is_told_of_a_dropped_line_and_only_of_one() {
+        let (entered_tx, entered) = mpsc::channel();
+        let (release, release_rx) = mpsc::channel();
+        let (queue, worker) = NonBlockingBuilder::default()
+            .lossy(true)
+            .buffered_lines_limit(1)
+            .finish(Stalled {
+                entered: entered_tx,
+                release: release_rx,
+            });
+        let writer = Noticing {
+            dropped: queue.error_counter(),
+            inner: queue,
+        };
+        let mut told_of = std::pin::pin!(DROP_NOTICED.notified());
+        told_of.as_mut().enable();
+        // The first line reaches the reader, which stops there.
+        writer.make_writer().write_all(b"one\n").unwrap();
+        entered.recv().unwrap();
+        // The second waits in the queue: not a drop.
+        writer.make_writer().write_all(b"two\n").unwrap();
+        assert_eq!(writer.dropped.dropped_lines(), 0);
+        assert!(!told(told_of.as_mut()), "told with nothing dropped");
+        // The third finds the queue full.
+        writer.make_writer().write_all(b"three\n").unwrap();
+        assert_eq!(writer.dropped.dropped_lines(), 1);
+        assert!(told(told_of.as_mut()), "not told of the dropped line");
+        drop(release);
+        drop(worker);
+    }
 
     #[test]
     fn dropped_lines_are_reported_once_the_drops_stop_and_each_only_once() {

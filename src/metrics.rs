@@ -469,7 +469,33 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, lines: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::task::{Context, Poll, Waker};
     use std::time::SystemTime;
+
+    #[test]
+    fn a_fold_is_asked_for_after_each_fold_after_samples_a_thread_records() {
+        // What is under test is the count; no recorder need be installed.
+        let h = Sampled(histogram!("fold_count_test"));
+        UNFOLDED.with(|n| n.set(0));
+        let mut asked = std::pin::pin!(FOLD.notified());
+        asked.as_mut().enable();
+        let ready = |n: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>| -> bool {
+            matches!(
+                n.poll(&mut Context::from_waker(Waker::noop())),
+                Poll::Ready(())
+            )
+        };
+        for round in 0..2 {
+            for _ in 1..FOLD_AFTER {
+                h.record(1.0);
+            }
+            assert!(!ready(asked.as_mut()), "round {round}: asked too soon");
+            h.record(1.0);
+            assert!(ready(asked.as_mut()), "round {round}: not asked");
+            asked.set(FOLD.notified());
+            asked.as_mut().enable();
+        }
+    }
 
     fn state(addr: &str, up: bool) -> AddrStatus {
         AddrStatus {
