@@ -266,7 +266,13 @@ class Direct(Mode):
 
 
 class HAProxy(Proxied):
-    name = "haproxy"
+    """HAProxy in `mode tcp`. `threads` None leaves `nbthread` out: HAProxy
+    2.6 then runs a thread per CPU, its default, to compare with
+    failover-proxy's default threading (`fp-dns-mt`); the ratios stay to
+    the one-thread column."""
+
+    def __init__(self, name="haproxy", threads=1):
+        self.name, self.threads = name, threads
 
     def start(self, env, procs):
         self.ports = free_ports(("http", "iperf", "hold", "refused", "hole"))
@@ -296,9 +302,10 @@ backend b_{svc}
   server s1 {bad}:{env.http_port} check inter 1s fall 1 rise 1 observe layer4 error-limit 1 on-error mark-down
   server s2 {LIVE}:{env.http_port} check inter 1s fall 1 rise 1 observe layer4 error-limit 1 on-error mark-down
 """
+        threads = f"  nbthread {self.threads}" if self.threads else ""
         cfg.write_text(f"""
 global
-  nbthread 1
+{threads}
   maxconn 9000
   pidfile {env.tmp}/haproxy.pid
 resolvers dns
@@ -570,7 +577,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
     procs = Procs()
     modes = [Direct(), HAProxy(), FailoverProxy("fp-hosts", "hosts", 1), FailoverProxy("fp-dns", "dns", 1),
-             FailoverProxy("fp-dns-mt", "dns", 0), FailoverProxy("fp-hosts-copy", "hosts", 1, relay="copy")]
+             FailoverProxy("fp-dns-mt", "dns", 0), HAProxy("haproxy-mt", None),
+             FailoverProxy("fp-hosts-copy", "hosts", 1, relay="copy")]
     if Nginx.MODULE.exists():
         modes.append(Nginx())
     else:
@@ -617,7 +625,9 @@ def main():
                         rec(mode, "peak_kib", rss_kib(pid, "VmHWM"))
                 finally:
                     mode.stop(procs)
-                if not isinstance(mode, FailoverProxy) or mode.name == "fp-hosts":
+                # Threads, relay and resolution source do not change how a
+                # proxy fails over: one column of each proxy is enough.
+                if mode.name in ("direct", "haproxy", "fp-hosts", "nginx"):
                     for svc in ("refused", "hole"):
                         first, later = failover(mode, env, procs, svc)
                         rec(mode, f"{svc}_first_ms", first * 1000)
