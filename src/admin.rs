@@ -173,10 +173,6 @@ fn handle(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> 
     match req.uri().path() {
         "/metrics" => {
             let cpu = crate::metrics::collect_process();
-            // Exact at every scrape; the reporter sets it only while lines
-            // are being dropped.
-            metrics::counter!(crate::metrics::LOG_LINES_DROPPED)
-                .absolute(crate::logging::dropped_lines());
             let mut body = state.metrics.render();
             let (routes, own) = state.routes();
             let series: Vec<_> = routes

@@ -38,6 +38,21 @@ pub mod route;
 pub mod service;
 pub mod splice;
 
+/// Helpers shared by the unit tests of several modules.
+#[cfg(test)]
+mod test_util {
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+
+    /// Whether `n` has been notified, polled once without waiting.
+    pub fn notified_now(n: Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
+        matches!(
+            std::future::Future::poll(n, &mut Context::from_waker(Waker::noop())),
+            Poll::Ready(())
+        )
+    }
+}
+
 use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;

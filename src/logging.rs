@@ -269,11 +269,10 @@ fn stderr_is_journal(journal_stream: Option<std::ffi::OsString>) -> bool {
         .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
 }
 
-/// Keeps the `log_lines_dropped_total` counter, and logs how many lines
-/// were dropped (see `DropReport`). Asleep until a line is dropped, then
-/// ticks each second until every drop has been reported.
+/// Logs how many lines were dropped (see `DropReport`; the scrape reads
+/// the count for `log_lines_dropped_total`). Asleep until a line is
+/// dropped, then ticks each second until every drop has been reported.
 pub async fn report_dropped() {
-    let counter = metrics::counter!(crate::metrics::LOG_LINES_DROPPED);
     let mut report = DropReport::default();
     loop {
         DROP_NOTICED.notified().await;
@@ -282,7 +281,6 @@ pub async fn report_dropped() {
         loop {
             tick.tick().await;
             let dropped = dropped_lines();
-            counter.absolute(dropped);
             if let Some(lines) = report.due(dropped) {
                 tracing::warn!(
                     dropped = lines,
@@ -336,9 +334,9 @@ impl DropReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::notified_now as told;
     use std::io::Write;
     use std::sync::mpsc;
-    use std::task::{Context, Poll, Waker};
 
     /// A log reader that stops reading: its first write says so on
     /// `entered`, then waits until `release` is dropped or sent to.
@@ -357,13 +355,6 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
-    }
-
-    fn told(n: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>) -> bool {
-        matches!(
-            n.poll(&mut Context::from_waker(Waker::noop())),
-            Poll::Ready(())
-        )
     }
 
     #[test]

@@ -108,11 +108,13 @@ pub async fn fold_samples(handle: PrometheusHandle) {
 const PROCESS_PREFIX: &str = "failover_proxy_";
 const PROCESS_CPU: &str = "failover_proxy_process_cpu_seconds_total";
 
-/// Brings the process gauges up to date (called at each scrape) and
+/// Brings the process gauges and the count of dropped log lines up to
+/// date (called at each scrape, the one place either is written) and
 /// returns the CPU seconds for [`render_process_cpu`]. The recorder's
 /// counters hold whole numbers: through it, a sidecar's CPU time, mostly
 /// fractions of a second between scrapes, read 0 after 0.28 s of work.
 pub fn collect_process() -> Option<f64> {
+    counter!(LOG_LINES_DROPPED).absolute(crate::logging::dropped_lines());
     let m = metrics_process::collector::collect();
     for (name, v) in [
         ("failover_proxy_process_open_fds", m.open_fds),
@@ -187,7 +189,6 @@ fn build_and_install() -> Result<PrometheusHandle, MetricsError> {
     let handle = recorder.handle();
     metrics::set_global_recorder(recorder).map_err(|_| MetricsError::AlreadyInstalled)?;
     gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
-    metrics::counter!(LOG_LINES_DROPPED).absolute(crate::logging::dropped_lines());
     describe();
     // The gauges' help texts; the CPU counter, which the recorder never
     // holds, has its own in render_process_cpu.
@@ -469,7 +470,7 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, lines: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::task::{Context, Poll, Waker};
+    use crate::test_util::notified_now as ready;
     use std::time::SystemTime;
 
     #[test]
@@ -479,12 +480,6 @@ mod tests {
         UNFOLDED.with(|n| n.set(0));
         let mut asked = std::pin::pin!(FOLD.notified());
         asked.as_mut().enable();
-        let ready = |n: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>| -> bool {
-            matches!(
-                n.poll(&mut Context::from_waker(Waker::noop())),
-                Poll::Ready(())
-            )
-        };
         for round in 0..2 {
             for _ in 1..FOLD_AFTER {
                 h.record(1.0);
