@@ -98,6 +98,7 @@ pub async fn serve(
         let (id, evict) = lock(&open).admit(limits.max_connections);
         let state = state.clone();
         let open = open.clone();
+        let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
@@ -107,14 +108,26 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.idle)
                 .serve_connection(TokioIo::new(stream), svc);
-            tokio::select! {
-                r = conn => if let Err(e) = r {
-                    tracing::debug!(error = %e, "admin: connection error");
-                },
-                _ = evict => tracing::debug!(
-                    max = limits.max_connections,
-                    "admin: at the connection cap; closing the oldest"
-                ),
+            let mut conn = std::pin::pin!(conn);
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = evict => {
+                    tracing::debug!(
+                        max = limits.max_connections,
+                        "admin: at the connection cap; closing the oldest"
+                    );
+                    Ok(())
+                }
+                // The endpoint stops (it moved, or the proxy is stopping): a
+                // kept-alive connection must not go on answering at the old
+                // address. A request under way is answered first.
+                () = crate::listener::stopped(&mut stop) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "admin: connection error");
             }
             lock(&open).remove(id);
         });
@@ -335,6 +348,36 @@ mod tests {
         assert_eq!(healthz(&mut kept).await, Some(200));
         let answered = tokio::time::Instant::now();
         assert!(closed(&mut kept, answered).await >= least);
+    }
+
+    #[tokio::test]
+    async fn a_stop_closes_kept_connections_and_answers_a_request_under_way_first() {
+        let (addr, stop) = endpoint(Limits {
+            max_connections: 8,
+            idle: Duration::from_secs(600),
+        })
+        .await;
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut kept).await, Some(200));
+        // Half a request head: it has begun, and must still be answered.
+        let mut begun = TcpStream::connect(addr).await.unwrap();
+        begun
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n")
+            .await
+            .unwrap();
+        // Served once before the stop: the endpoint has taken `begun` in.
+        let mut other = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut other).await, Some(200));
+        stop.send(true).unwrap();
+        closed(&mut kept, tokio::time::Instant::now()).await;
+        closed(&mut other, tokio::time::Instant::now()).await;
+        begun.write_all(b"\r\n").await.unwrap();
+        let mut reply = Vec::new();
+        tokio::time::timeout(HANG, begun.read_to_end(&mut reply))
+            .await
+            .expect("a reply and a close")
+            .unwrap();
+        assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
     }
 
     #[tokio::test]

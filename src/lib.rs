@@ -109,13 +109,21 @@ struct Slot {
     probes: JoinHandle<()>,
 }
 
+/// The admin endpoint's accept loop, and what stops it.
+struct AdminServer {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
 /// A proxy with every listener bound, not yet accepting.
 pub struct Server {
     config: Config,
     pending: Vec<(Arc<Route>, TcpListener)>,
     shared: Arc<RwLock<Shared>>,
     admin_listener: Option<TcpListener>,
-    admin: Option<Arc<admin::AdminState>>,
+    /// What the admin endpoint serves: kept whether or not it is on, since
+    /// a reload may turn it on.
+    admin: Arc<admin::AdminState>,
     /// The metrics recorder's handle, for folding histogram samples
     /// whether or not the admin endpoint serves them.
     metrics: metrics_exporter_prometheus::PrometheusHandle,
@@ -245,6 +253,16 @@ fn bind_route(
     Ok((listener, bound))
 }
 
+/// The admin endpoint's listener on `addr`: systemd's socket for it if it
+/// passed one, else a new one.
+fn bind_admin(addr: SocketAddr, passed: &Passed) -> Result<TcpListener, StartError> {
+    match passed.take(addr) {
+        Some(l) => l.and_then(TcpListener::from_std),
+        None => listener::bind(addr),
+    }
+    .map_err(|source| StartError::AdminBind { addr, source })
+}
+
 impl Server {
     /// Builds the resolver, installs the metrics recorder, and binds every
     /// route's listener and the admin endpoint (taking sockets passed by
@@ -270,21 +288,14 @@ impl Server {
                 listener,
             ));
         }
-        let (admin_listener, admin) = match config.admin.listen {
-            None => (None, None),
-            Some(addr) => {
-                let l = match passed.take(addr) {
-                    Some(l) => l.and_then(TcpListener::from_std),
-                    None => listener::bind(addr),
-                }
-                .map_err(|source| StartError::AdminBind { addr, source })?;
-                let state = Arc::new(admin::AdminState {
-                    metrics: handle.clone(),
-                    routes: RwLock::new(Vec::new()),
-                });
-                (Some(l), Some(state))
-            }
+        let admin_listener = match config.admin.listen {
+            None => None,
+            Some(addr) => Some(bind_admin(addr, &passed)?),
         };
+        let admin = Arc::new(admin::AdminState {
+            metrics: handle.clone(),
+            routes: RwLock::new(Vec::new()),
+        });
         Ok(Server {
             shared: Arc::new(RwLock::new(Shared {
                 resolver,
@@ -317,7 +328,6 @@ impl Server {
     /// `shutdown.drain_timeout` for open connections.
     pub async fn serve(mut self, mut control: mpsc::Receiver<Control>) {
         let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
-        let (admin_stop, admin_stop_rx) = watch::channel(false);
         // Histogram samples are kept until a fold (or a scrape) puts them
         // in their buckets: without folds, every connection would leave
         // about 66 bytes behind for good. So they run whether or not the
@@ -331,17 +341,7 @@ impl Server {
             slots.insert(rc.listen, self.start_slot(route, listener, &drain_tx));
         }
         self.publish_routes(&slots, &order);
-        if let (Some(l), Some(st)) = (self.admin_listener.take(), &self.admin) {
-            if let Ok(a) = l.local_addr() {
-                tracing::info!(listen = %a, "admin endpoint listening");
-            }
-            tokio::spawn(admin::serve(
-                l,
-                st.clone(),
-                admin::Limits::default(),
-                admin_stop_rx,
-            ));
-        }
+        let mut admin = self.admin_listener.take().map(|l| self.start_admin(l));
         let served: Vec<SocketAddr> = order
             .iter()
             .copied()
@@ -363,7 +363,8 @@ impl Server {
         // Shutdown, or every sender gone, ends the loop.
         while let Some(Control::Reload(new)) = control.recv().await {
             service::reloading();
-            self.reload(*new, &mut slots, &mut order, &drain_tx).await;
+            self.reload(*new, &mut slots, &mut order, &mut admin, &drain_tx)
+                .await;
             service::ready();
         }
 
@@ -376,7 +377,9 @@ impl Server {
             let _ = slot.accept.await;
         }
         self.passed.unpark_all().await;
-        let _ = admin_stop.send(true);
+        if let Some(a) = admin {
+            let _ = a.stop.send(true);
+        }
         if let Some(w) = watchdog {
             w.abort();
         }
@@ -410,13 +413,26 @@ impl Server {
 
     /// Shows the admin endpoint the routes serving now, in config order.
     fn publish_routes(&self, slots: &HashMap<SocketAddr, Slot>, order: &[SocketAddr]) {
-        if let Some(st) = &self.admin {
-            *st.routes.write().unwrap_or_else(|p| p.into_inner()) = order
-                .iter()
-                .filter_map(|k| slots.get(k))
-                .map(|s| s.current.clone())
-                .collect();
+        *self.admin.routes.write().unwrap_or_else(|p| p.into_inner()) = order
+            .iter()
+            .filter_map(|k| slots.get(k))
+            .map(|s| s.current.clone())
+            .collect();
+    }
+
+    /// Starts serving the admin endpoint on `l`.
+    fn start_admin(&self, l: TcpListener) -> AdminServer {
+        if let Ok(a) = l.local_addr() {
+            tracing::info!(listen = %a, "admin endpoint listening");
         }
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(admin::serve(
+            l,
+            self.admin.clone(),
+            admin::Limits::default(),
+            stop_rx,
+        ));
+        AdminServer { stop, task }
     }
 
     fn start_slot(
@@ -481,17 +497,19 @@ impl Server {
 
     /// Applies a new configuration: routes are matched by `listen`; new ones
     /// start, removed ones stop accepting (their connections drain), changed
-    /// ones apply to new connections. Settings read only at start are
-    /// logged as needing a restart.
+    /// ones apply to new connections; a moved admin endpoint moves. Settings
+    /// read only at start are logged as needing a restart.
     async fn reload(
         &mut self,
         new: Config,
         slots: &mut HashMap<SocketAddr, Slot>,
         order: &mut Vec<SocketAddr>,
+        admin: &mut Option<AdminServer>,
         drain: &mpsc::Sender<()>,
     ) {
         let mut new = new;
         let old = &self.config;
+        let old_admin = old.admin.listen;
         let restart = keep_restart_only(old, &mut new);
         if !restart.is_empty() {
             tracing::warn!(
@@ -526,6 +544,19 @@ impl Server {
                 }
             }
         }
+        // Bound before anything changes, as a new route's listener is: a
+        // port in use leaves the endpoint where it was.
+        let admin_moved = new.admin.listen != old_admin;
+        let new_admin = match new.admin.listen.filter(|_| admin_moved) {
+            Some(addr) => match bind_admin(addr, &self.passed) {
+                Ok(l) => Some((addr, l)),
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "reload: keeping the running configuration");
+                    return;
+                }
+            },
+            None => None,
+        };
         if let Some(r) = resolver {
             let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
             // The last good answers go on: a reload made during a DNS
@@ -583,6 +614,25 @@ impl Server {
         }
         *order = keep;
         self.publish_routes(slots, order);
+        if admin_moved {
+            // The old endpoint's open connections (a Prometheus server
+            // keeps its scrape connection) are closed once their request is
+            // answered: the old address must stop answering.
+            if let Some(a) = admin.take() {
+                let _ = a.stop.send(true);
+                let _ = a.task.await;
+            }
+            if let Some(was) = old_admin {
+                self.passed.park(was);
+            }
+            match new_admin {
+                Some((addr, l)) => {
+                    self.passed.unpark(addr).await;
+                    *admin = Some(self.start_admin(l));
+                }
+                None => tracing::info!("reload: admin endpoint off"),
+            }
+        }
         if new.log.level != old.log.level {
             match logging::set_level(&new.log.level) {
                 Ok(logging::LevelChange::Applied) => {
@@ -613,8 +663,6 @@ fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
             }
         };
     }
-    keep!("admin.listen", admin.listen);
-    keep!("admin.allow_non_loopback", admin.allow_non_loopback);
     keep!("log.format", log.format);
     keep!("runtime.worker_threads", runtime.worker_threads);
     keys

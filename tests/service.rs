@@ -463,3 +463,153 @@ async fn watchdog_is_pinged_when_systemd_asks_for_it() {
         );
     }
 }
+
+/// `tail(hosts)` with the admin endpoint on `admin` ("" = off).
+fn tail_admin(hosts: &Path, admin: &str) -> String {
+    tail(hosts).replace(
+        "[admin]\nlisten = \"\"",
+        &format!("[admin]\nlisten = \"{admin}\""),
+    )
+}
+
+/// The admin address a reload bound, from its log lines: the last such
+/// line, since the lines may begin with the start-up's own.
+fn admin_moved_to(lines: &[String]) -> SocketAddr {
+    let l = lines
+        .iter()
+        .rev()
+        .find(|l| l.contains("admin endpoint listening"))
+        .unwrap_or_else(|| panic!("no admin endpoint line in {lines:?}"));
+    listen_addr(l)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_turns_the_admin_endpoint_on_moves_it_and_turns_it_off() {
+    let bk = backend(ip(192), "am").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.192 am.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let write = |admin: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}{}",
+                route("am", "127.0.0.193:0", "am.test", bk.addr.port()),
+                tail_admin(&hosts, admin)
+            ),
+        )
+        .unwrap();
+    };
+    write("");
+    let p = Running::spawn(&cfg);
+    let r = listening(&p, "am");
+    let restart_only = "only after a restart";
+
+    // Turned on by a reload: it serves the routes that were already
+    // running.
+    write("127.0.0.194:0");
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(!lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
+    let first = admin_moved_to(&lines);
+    let (code, status) = http_get(first, "/status").await;
+    assert_eq!(code, 200);
+    assert!(status.contains("\"name\":\"am\""), "{status}");
+
+    // A scraper's kept-alive connection, one request answered.
+    let mut kept = TcpStream::connect(first).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = [0u8; 12];
+    within("the kept connection's answer", kept.read_exact(&mut head))
+        .await
+        .unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+
+    // An address that cannot be bound: the reload is refused and the
+    // endpoint stays where it is.
+    let taken = std::net::TcpListener::bind((ip(195), 0)).unwrap();
+    write(&taken.local_addr().unwrap().to_string());
+    p.signal("HUP");
+    let refused = p.wait_line("keeping the running configuration");
+    assert!(refused.contains("admin.listen"), "{refused}");
+    assert_eq!(http_get(first, "/healthz").await.0, 200);
+    drop(taken);
+
+    // Moved: the new address serves, the old one refuses, and the kept
+    // connection is closed rather than left answering at the old address.
+    write("127.0.0.196:0");
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(!lines.iter().any(|l| l.contains(restart_only)), "{lines:?}");
+    let second = admin_moved_to(&lines);
+    assert_eq!(second.ip(), ip(196));
+    assert_eq!(http_get(second, "/healthz").await.0, 200);
+    let mut rest = Vec::new();
+    within("the kept connection's close", kept.read_to_end(&mut rest))
+        .await
+        .expect("closed with a FIN");
+    let e = TcpStream::connect(first)
+        .await
+        .expect_err("the old address");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+
+    // Turned off.
+    write("");
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(
+        lines.iter().any(|l| l.contains("admin endpoint off")),
+        "{lines:?}"
+    );
+    let e = TcpStream::connect(second).await.expect_err("no endpoint");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    assert_eq!(id_via(r).await, "am");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_endpoint_on_a_socket_from_systemd_refuses_once_moved_and_can_come_back() {
+    let bk = backend(ip(197), "ab").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.197 ab.test\n").unwrap();
+    let with = |r: SocketAddr, admin: &str| {
+        format!(
+            "{}{}",
+            route("ab", &r.to_string(), "ab.test", bk.addr.port()),
+            tail_admin(&hosts, admin)
+        )
+    };
+    let (p, addrs) = activated(&[198, 199], true, "ab", dir.path(), |a| {
+        with(a[0], &a[1].to_string())
+    })
+    .await;
+    let (r, passed) = (addrs[0], addrs[1]);
+    assert_eq!(http_get(passed, "/healthz").await.0, 200);
+    let cfg = dir.path().join("proxy.toml");
+
+    // Moved off: systemd still listens there, so a client must be refused
+    // rather than left waiting for an answer.
+    std::fs::write(&cfg, with(r, "127.0.0.200:0")).unwrap();
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    let moved = admin_moved_to(&lines);
+    assert_eq!(moved.ip(), ip(200));
+    assert_eq!(http_get(moved, "/healthz").await.0, 200);
+    assert_reset(passed).await;
+
+    // Moved back: it takes systemd's socket again, where binding the
+    // address itself would fail.
+    std::fs::write(&cfg, with(r, &passed.to_string())).unwrap();
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(
+        !lines.iter().any(|l| l.contains("keeping the running")),
+        "{lines:?}"
+    );
+    assert_eq!(admin_moved_to(&lines), passed);
+    assert_eq!(http_get(passed, "/healthz").await.0, 200);
+    assert_eq!(id_via(r).await, "ab");
+}
