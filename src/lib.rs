@@ -644,6 +644,14 @@ impl Server {
                 Err(e) => tracing::error!(error = %e, "reload: log level not changed"),
             }
         }
+        if new.log.format != old.log.format {
+            logging::set_format(new.log.format);
+            let format = match new.log.format {
+                config::LogFormat::Text => "text",
+                config::LogFormat::Json => "json",
+            };
+            tracing::info!(log.format = format, "reload: log format changed");
+        }
         tracing::info!(routes = order.len(), "configuration reloaded");
         limits::warn_if_short(&new.routes);
         self.config = new;
@@ -655,16 +663,10 @@ impl Server {
 /// the next reload compares against it; returns the keys that changed.
 fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
-    macro_rules! keep {
-        ($key:literal, $($field:ident).+) => {
-            if new.$($field).+ != old.$($field).+ {
-                keys.push($key);
-                new.$($field).+.clone_from(&old.$($field).+);
-            }
-        };
+    if new.runtime.worker_threads != old.runtime.worker_threads {
+        keys.push("runtime.worker_threads");
+        new.runtime.worker_threads = old.runtime.worker_threads;
     }
-    keep!("log.format", log.format);
-    keep!("runtime.worker_threads", runtime.worker_threads);
     keys
 }
 

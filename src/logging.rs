@@ -10,15 +10,19 @@
 //! with it. Lines that find the queue full are dropped and counted instead.
 
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
 use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, JsonFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, MakeWriter};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{LogConfig, LogFormat};
 
@@ -36,14 +40,15 @@ static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 /// ticking reporter woke an idle proxy every second for nothing.
 static DROP_NOTICED: Notify = Notify::const_new();
 
-/// Replaces the installed filter. A closure, because the reload handle's
-/// type names the line format, which differs between text and JSON.
-type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
-
 /// Set by `init` when `log.level` governs the filter; unset when
 /// `RUST_LOG` does (it wins, so a reload leaves it) or nothing is
 /// installed (unit tests).
-static SET_FILTER: OnceLock<SetFilter> = OnceLock::new();
+static SET_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+
+/// Lines are JSON (`log.format = "json"`), else text. Both formats are
+/// installed, each behind a filter that reads this, so that a reload can
+/// switch between them.
+static JSON: AtomicBool = AtomicBool::new(false);
 
 /// What a reload did with `log.level`.
 #[derive(Debug, PartialEq, Eq)]
@@ -61,8 +66,13 @@ pub fn set_level(level: &str) -> Result<LevelChange, String> {
         return Ok(LevelChange::EnvWins);
     };
     let filter = EnvFilter::try_new(level).map_err(|e| format!("log.level {level:?}: {e}"))?;
-    set(filter)?;
+    set.reload(filter).map_err(|e| e.to_string())?;
     Ok(LevelChange::Applied)
+}
+
+/// Applies a new `log.format` to the lines that follow.
+pub fn set_format(format: LogFormat) {
+    JSON.store(format == LogFormat::Json, Ordering::Relaxed);
 }
 
 /// Log lines dropped so far because the log reader did not keep up.
@@ -131,40 +141,35 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
         dropped: dropped.clone(),
     };
     let journal = stderr_is_journal(std::env::var_os("JOURNAL_STREAM"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let format = tracing_subscriber::fmt::format().with_target(false);
-    // The filter sits behind a reload layer: one uncontended read lock per
-    // enabled event. Disabled call sites are cached as such by tracing and
-    // never reach it, and a reload rebuilds that cache.
-    let (result, set): (_, SetFilter) = match cfg.format {
-        LogFormat::Text => {
-            let b = builder
-                .event_format(Prioritised {
-                    inner: format,
-                    journal,
-                })
-                .with_filter_reloading();
-            let set = setter(b.reload_handle());
-            (b.try_init(), set)
-        }
-        LogFormat::Json => {
-            let b = builder
-                .fmt_fields(JsonFields::new())
-                .event_format(Prioritised {
-                    inner: format.json().flatten_event(true),
-                    journal,
-                })
-                .with_filter_reloading();
-            let set = setter(b.reload_handle());
-            (b.try_init(), set)
-        }
-    };
-    result.map_err(|e| LogError::Install(e.to_string()))?;
+    set_format(cfg.format);
+    let text = tracing_subscriber::fmt::layer()
+        .with_writer(writer.clone())
+        .with_ansi(ansi)
+        .event_format(Prioritised {
+            inner: format.clone(),
+            journal,
+        });
+    let json = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi)
+        .fmt_fields(JsonFields::new())
+        .event_format(Prioritised {
+            inner: format.json().flatten_event(true),
+            journal,
+        });
+    // The level filter sits behind a reload layer: one uncontended read
+    // lock per enabled event. Disabled call sites are cached as such by
+    // tracing and never reach it, and a reload rebuilds that cache.
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(Switch { text, json })
+        .try_init()
+        .map_err(|e| LogError::Install(e.to_string()))?;
     if from_file {
-        let _ = SET_FILTER.set(set);
+        let _ = SET_FILTER.set(handle);
     }
     let _ = DROPPED.set(dropped);
     Ok(LogGuard(Some(worker)))
@@ -172,6 +177,7 @@ pub fn init(cfg: &LogConfig, rust_log: Option<String>) -> Result<LogGuard, LogEr
 
 /// The queue's writer, telling [`report_dropped`] when a line it was given
 /// was dropped: an atomic load either side of each line.
+#[derive(Clone)]
 struct Noticing {
     inner: NonBlocking,
     dropped: ErrorCounter,
@@ -208,9 +214,71 @@ impl std::io::Write for NoticingWriter<'_> {
     }
 }
 
-/// A `SetFilter` for the reload handle of either line format.
-fn setter<S: 'static>(handle: tracing_subscriber::reload::Handle<EnvFilter, S>) -> SetFilter {
-    Box::new(move |f| handle.reload(f).map_err(|e| e.to_string()))
+/// Both line formats, each event written by the one `JSON` selects: an
+/// atomic load per event the level filter lets through. Spans go to both,
+/// so that each keeps the fields of every open span in its own form and
+/// either can write the next event. (Two layers behind per-layer filters
+/// would do the same, but those hide the level filter's maximum from
+/// tracing, and every disabled `debug!` would then cost a call-site check
+/// instead of a level comparison.)
+struct Switch<T, J> {
+    text: T,
+    json: J,
+}
+
+impl<S, T, J> Layer<S> for Switch<T, J>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    T: Layer<S>,
+    J: Layer<S>,
+{
+    fn on_layer(&mut self, subscriber: &mut S) {
+        self.text.on_layer(subscriber);
+        self.json.on_layer(subscriber);
+    }
+
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: Context<'_, S>,
+    ) {
+        self.text.on_new_span(attrs, id, ctx.clone());
+        self.json.on_new_span(attrs, id, ctx);
+    }
+
+    fn on_record(
+        &self,
+        span: &tracing::span::Id,
+        values: &tracing::span::Record<'_>,
+        ctx: Context<'_, S>,
+    ) {
+        self.text.on_record(span, values, ctx.clone());
+        self.json.on_record(span, values, ctx);
+    }
+
+    fn on_enter(&self, id: &tracing::span::Id, ctx: Context<'_, S>) {
+        self.text.on_enter(id, ctx.clone());
+        self.json.on_enter(id, ctx);
+    }
+
+    fn on_exit(&self, id: &tracing::span::Id, ctx: Context<'_, S>) {
+        self.text.on_exit(id, ctx.clone());
+        self.json.on_exit(id, ctx);
+    }
+
+    fn on_close(&self, id: tracing::span::Id, ctx: Context<'_, S>) {
+        self.text.on_close(id.clone(), ctx.clone());
+        self.json.on_close(id, ctx);
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        if JSON.load(Ordering::Relaxed) {
+            self.json.on_event(event, ctx);
+        } else {
+            self.text.on_event(event, ctx);
+        }
+    }
 }
 
 /// Starts each line with its syslog priority (`<4>` for WARN) when stderr

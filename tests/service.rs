@@ -613,3 +613,50 @@ async fn an_admin_endpoint_on_a_socket_from_systemd_refuses_once_moved_and_can_c
     assert_eq!(http_get(passed, "/healthz").await.0, 200);
     assert_eq!(id_via(r).await, "ab");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_switches_the_log_format_for_the_lines_that_follow() {
+    let bk = backend(ip(201), "lf").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.201 lf.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let write = |format: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}{}",
+                route("lf", "127.0.0.202:0", "lf.test", bk.addr.port()),
+                tail(&hosts).replace("format = \"json\"", &format!("format = \"{format}\""))
+            ),
+        )
+        .unwrap();
+    };
+    write("json");
+    let p = Running::spawn(&cfg);
+    let r = listening(&p, "lf");
+    let is_json = |l: &str| serde_json::from_str::<serde_json::Value>(l).is_ok();
+
+    write("text");
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(
+        !lines.iter().any(|l| l.contains("only after a restart")),
+        "{lines:?}"
+    );
+    let last = lines.last().unwrap();
+    assert!(!is_json(last) && last.contains("INFO"), "{last}");
+    // A connection's own line, in the new format.
+    assert_eq!(id_via(r).await, "lf");
+    let served = p.wait_line("connection closed");
+    assert!(!is_json(&served), "{served}");
+
+    write("json");
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    let last = lines.last().unwrap();
+    assert!(is_json(last), "{last}");
+    assert_eq!(id_via(r).await, "lf");
+    let served = p.wait_line("connection closed");
+    assert!(is_json(&served), "{served}");
+}
