@@ -9,7 +9,8 @@ repetition rotates the order of the modes, and the table gives medians.
 
 Environment: BENCH_RUNS (repetitions, default 3), BENCH_SECONDS (length of
 each load run, default 5), BENCH_IDLE (idle connections, default 1000),
-BENCH_OUT (folder for raw outputs), BENCH_BIN (the failover-proxy binary,
+BENCH_CONNS (wrk's connections, default 32: more of them show how much of a
+mode's rate is lost to waiting rather than to CPU), BENCH_OUT (folder for raw outputs), BENCH_BIN (the failover-proxy binary,
 default target/release/failover-proxy: an unstripped build for perf, or an
 older build to compare against).
 """
@@ -35,6 +36,7 @@ BIN = Path(os.environ.get("BENCH_BIN", str(ROOT / "target" / "release" / "failov
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 IDLE = int(os.environ.get("BENCH_IDLE", "1000"))
+CONNS = int(os.environ.get("BENCH_CONNS", "32"))
 OUT = Path(os.environ.get("BENCH_OUT", ROOT / "benches" / "results" / time.strftime("%Y%m%d-%H%M%S")))
 ATTEMPT_DELAY_MS = 250
 BODY = "x" * 63 + "\n"  # a 64-byte response body
@@ -480,16 +482,28 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])
 
 
+def machine_ticks():
+    """All CPU ticks of the machine so far, and the idle ones among them
+    (idle and iowait), from /proc/stat."""
+    v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
 def wrk(tag, port, close, pid=None):
-    """wrk's figures, and the CPU time `pid` spent per request meanwhile:
-    what a proxy costs the host for each request it relays."""
+    """wrk's figures, the CPU time `pid` spent per request meanwhile (what
+    a proxy costs the host for each request it relays), and the share of
+    the machine left idle: a mode whose connections wait (for a DNS
+    answer, say) leaves the cores idle where a busy one does not."""
     before = cpu_ticks(pid)
-    args = ["wrk", "-t1", "-c32", f"-d{SECONDS}s", "--latency"]
+    all_before, idle_before = machine_ticks()
+    args = ["wrk", "-t1", f"-c{CONNS}", f"-d{SECONDS}s", "--latency"]
     if close:
         args += ["-H", "Connection: close"]
     args.append(f"http://127.0.0.1:{port}/64")
     out = run_cmd(tag, args, SECONDS + 30)
     after = cpu_ticks(pid)
+    all_after, idle_after = machine_ticks()
+    idle_pct = 100 * (idle_after - idle_before) / max(1, all_after - all_before)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     count = int(re.search(r"(\d+) requests in", out).group(1))
     cpu_us = None
@@ -498,7 +512,7 @@ def wrk(tag, port, close, pid=None):
     errors = re.search(r"Socket errors: (.*)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = {p: unit_seconds(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M)}
-    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"), "cpu_us": cpu_us,
+    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"), "cpu_us": cpu_us, "idle_pct": idle_pct,
             "errors": (errors.group(1) if errors else "") + (f" non2xx={non2xx.group(1)}" if non2xx else "")}
 
 
@@ -616,9 +630,11 @@ def main():
                     rec(mode, "ka_p50", ka["p50"])
                     rec(mode, "ka_p99", ka["p99"])
                     rec(mode, "ka_cpu_us", ka["cpu_us"])
+                    rec(mode, "ka_idle", ka["idle_pct"])
                     nc = wrk(f"{tag}-newconn", ports["http"], close=True, pid=pid)
                     rec(mode, "nc_rps", nc["rps"])
                     rec(mode, "nc_cpu_us", nc["cpu_us"])
+                    rec(mode, "nc_idle", nc["idle_pct"])
                     if ka["errors"].strip() or nc["errors"].strip():
                         print(f"  wrk errors: keepalive {ka['errors']!r} newconn {nc['errors']!r}", flush=True)
                     if pid is not None:
@@ -649,12 +665,14 @@ def main():
 
 ROWS = [
     ("gbps", "bulk throughput, 1 stream (Gbit/s)", "{:.2f}", True),
-    ("ka_rps", "keep-alive requests/s (32 conns)", "{:,.0f}", True),
+    ("ka_rps", f"keep-alive requests/s ({CONNS} conns)", "{:,.0f}", True),
     ("ka_p50", "keep-alive p50 latency (µs)", "{:,.0f}", False),
     ("ka_p99", "keep-alive p99 latency (µs)", "{:,.0f}", False),
-    ("nc_rps", "new connections/s (Connection: close)", "{:,.0f}", True),
+    ("nc_rps", f"new connections/s (Connection: close, {CONNS} conns)", "{:,.0f}", True),
     ("ka_cpu_us", "proxy CPU per keep-alive request (µs)", "{:.1f}", False),
     ("nc_cpu_us", "proxy CPU per new connection (µs)", "{:.1f}", False),
+    ("ka_idle", "machine idle during the keep-alive run (%)", "{:.1f}", None),
+    ("nc_idle", "machine idle during the new-connection run (%)", "{:.1f}", None),
     ("idle_kib", f"memory per idle connection (KiB, {IDLE} held before the load runs)", "{:.2f}", False),
     ("start_kib", "proxy memory at start (RSS, KiB)", "{:,.0f}", False),
     ("peak_kib", "proxy peak memory over the run (VmHWM, KiB)", "{:,.0f}", False),
@@ -696,7 +714,7 @@ def render(med):
         "| measure | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
-    for key, label, fmt, _higher in ROWS:
+    for key, label, fmt, higher in ROWS:
         cells = []
         for c in cols:
             v = med[c].get(key)
@@ -705,7 +723,8 @@ def render(med):
                 continue
             shown = v * 1e6 if key in ("ka_p50", "ka_p99") else v
             cell = fmt.format(shown)
-            if c not in ("direct", "haproxy"):
+            # A share of the machine is read as it is, not as a ratio.
+            if c not in ("direct", "haproxy") and higher is not None:
                 d, h = med["direct"].get(key), med["haproxy"].get(key)
                 r = [ratio(v, d), ratio(v, h)]
                 cell += f" ({' / '.join(r)})"
