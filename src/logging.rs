@@ -45,9 +45,8 @@ static DROP_NOTICED: Notify = Notify::const_new();
 /// installed (unit tests).
 static SET_FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 
-/// Lines are JSON (`log.format = "json"`), else text. Both formats are
-/// installed, each behind a filter that reads this, so that a reload can
-/// switch between them.
+/// Lines are JSON (`log.format = "json"`), else text: read by [`Switch`]
+/// for each event, so that a reload can switch between them.
 static JSON: AtomicBool = AtomicBool::new(false);
 
 /// What a reload did with `log.level`.
