@@ -31,6 +31,7 @@ pub mod health;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod loops;
 pub mod metrics;
 pub mod relay;
 pub mod resolve;
@@ -128,6 +129,8 @@ pub struct Server {
     /// whether or not the admin endpoint serves them.
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     passed: Passed,
+    /// The event loops besides this one that connections are spread over.
+    loops: Option<Arc<loops::Loops>>,
 }
 
 /// The listening sockets systemd passed (socket activation).
@@ -308,7 +311,14 @@ impl Server {
             admin,
             metrics: handle,
             passed,
+            loops: None,
         })
+    }
+
+    /// Spreads the connections accepted from now on over `loops` and this
+    /// loop, in turn.
+    pub fn spread_over(&mut self, loops: Arc<loops::Loops>) {
+        self.loops = Some(loops);
     }
 
     /// The bound address of each route, in configuration order.
@@ -456,6 +466,7 @@ impl Server {
             self.shared.clone(),
             stop_rx,
             drain.clone(),
+            self.loops.clone(),
         ));
         let probes = self.start_health(&route);
         Slot {

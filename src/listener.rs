@@ -6,10 +6,11 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use crate::loops::{Handoff, Held, Loops};
 use crate::route::{ClientAddr, Route, Shared, serve};
 
 const LISTEN_BACKLOG: u32 = 4096;
@@ -25,7 +26,7 @@ const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// earlier one already pending, every connection would pay for that wake.
 /// Shorter than the default `attempt_delay`; costs ten wakeups a second
 /// while connections arrive, and none once a period passes without one.
-const TIMER_ANCHOR: Duration = Duration::from_millis(100);
+pub(crate) const TIMER_ANCHOR: Duration = Duration::from_millis(100);
 
 /// Completes once `rx` says stop. The guard `wait_for` returns is dropped
 /// here, so callers can hold this future across awaits in `Send` tasks.
@@ -136,6 +137,7 @@ pub async fn accept_loop(
     shared: Arc<RwLock<Shared>>,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
+    loops: Option<Arc<Loops>>,
 ) {
     let mut backoff = Backoff::new();
     let mut rejected: u64 = 0;
@@ -186,19 +188,31 @@ pub async fn accept_loop(
                 match route.limit.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
-                        let drain = drain.clone();
-                        // Spawned as is, not wrapped in another async block,
-                        // which would keep a second copy of serve's arguments
-                        // for the connection's whole life. The permit and the
-                        // drain guard go with it and are dropped as it ends.
-                        tokio::spawn(serve(
-                            route,
-                            shared,
-                            stream,
-                            ClientAddr(peer),
-                            arrived,
-                            (permit, drain),
-                        ));
+                        let (to, serving) = match loops.as_deref().map(Loops::pick) {
+                            Some((to, serving)) => (to, Some(serving)),
+                            None => (None, None),
+                        };
+                        let held = (permit, drain.clone(), serving);
+                        match to {
+                            // Spawned as is, not wrapped in another async
+                            // block, which would keep a second copy of serve's
+                            // arguments for the connection's whole life. The
+                            // permit and the drain guard go with it and are
+                            // dropped as it ends.
+                            None => {
+                                tokio::spawn(serve(
+                                    route,
+                                    shared,
+                                    stream,
+                                    ClientAddr(peer),
+                                    arrived,
+                                    held,
+                                ));
+                            }
+                            Some(other) => {
+                                hand_off(other, stream, peer, arrived, route, shared, held)
+                            }
+                        }
                     }
                     Err(_) => {
                         let _ = stream.set_zero_linger();
@@ -229,6 +243,40 @@ pub async fn accept_loop(
         log_rejected(&current.get(), &mut rejected);
     }
     tracing::info!(listen = %listen, "listener closed");
+}
+
+/// Sends a connection to another event loop, out of this one's.
+fn hand_off(
+    to: &mpsc::UnboundedSender<Handoff>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    arrived: Instant,
+    route: Arc<Route>,
+    shared: Shared,
+    held: Held,
+) {
+    let name = route.cfg.name.clone();
+    let sent = stream.into_std().map(|stream| {
+        to.send(Handoff {
+            stream,
+            peer,
+            arrived,
+            route,
+            shared,
+            held,
+        })
+        .is_ok()
+    });
+    match sent {
+        Ok(true) => {}
+        // The loop's thread is gone: only a panic there ends it.
+        Ok(false) => {
+            tracing::error!(route = %name, client.addr = %peer, "connection closed: its event loop has stopped")
+        }
+        Err(e) => {
+            tracing::warn!(route = %name, client.addr = %peer, error = %e, "connection closed: cannot take it out of the event loop")
+        }
+    }
 }
 
 /// Resets every connection to `listener` (bound to `listen`) until `stop`

@@ -57,19 +57,17 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    match worker_threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
-    }
+/// The main event loop, and how many more to spread connections over:
+/// one single-threaded loop per worker thread (see `loops`).
+fn runtime(worker_threads: usize) -> std::io::Result<(tokio::runtime::Runtime, usize)> {
+    let loops = match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    Ok((rt, loops - 1))
 }
 
 fn run(config: Config, path: config::ConfigPath) -> ExitCode {
@@ -81,12 +79,22 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
             "raised the soft open-file limit to the hard limit"
         );
     }
-    let rt = match runtime(config.runtime.worker_threads) {
+    let (rt, others) = match runtime(config.runtime.worker_threads) {
         Ok(rt) => rt,
         Err(e) => {
             fatal(&format!("cannot start the async runtime: {e}"));
             return ExitCode::from(EXIT_FATAL);
         }
+    };
+    let loops = match others {
+        0 => None,
+        n => match failover_proxy::loops::Loops::start(n) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                fatal(&format!("cannot start {n} more event loops: {e}"));
+                return ExitCode::from(EXIT_FATAL);
+            }
+        },
     };
     rt.block_on(async move {
         // Installed before binding, so a SIGTERM that arrives during start-up
@@ -98,14 +106,21 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
                 return ExitCode::from(EXIT_FATAL);
             }
         };
-        let server = match Server::bind(config) {
+        let mut server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
                 fatal(&error_chain(&e));
                 return ExitCode::from(EXIT_FATAL);
             }
         };
-        tracing::info!(version = failover_proxy::VERSION, "failover-proxy started");
+        if let Some(l) = loops {
+            server.spread_over(l);
+        }
+        tracing::info!(
+            version = failover_proxy::VERSION,
+            event_loops = others + 1,
+            "failover-proxy started"
+        );
         tokio::spawn(logging::report_dropped());
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(signals.forward(path, tx));
@@ -129,7 +144,7 @@ fn fatal(why: &str) {
 
 fn run_check(config: Config) -> ExitCode {
     let rt = match runtime(1) {
-        Ok(rt) => rt,
+        Ok((rt, _)) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FATAL);

@@ -1471,3 +1471,75 @@ async fn resets_held_back_are_logged_when_their_second_is_over_though_none_follo
         }
     }
 }
+
+/// Context switches of the thread of `pid` named `name`, if there is one.
+fn thread_switches(pid: u32, name: &str) -> Option<u64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read tasks");
+    tasks.filter_map(Result::ok).find_map(|t| {
+        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
+        (comm.trim() == name).then(|| {
+            std::fs::read_to_string(t.path().join("status"))
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })
+    })
+}
+
+/// With `worker_threads = 3` the proxy runs three event loops, and the
+/// connections it accepts are served on all three: each extra loop wakes
+/// for the traffic of the connections handed to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_spread_over_an_event_loop_per_worker_thread() {
+    let b = backend(ip(203), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        ip(203),
+        b.addr.port(),
+        "[health]\ninterval = \"0s\"\n[runtime]\nworker_threads = 3\n",
+    );
+    let p = Running::spawn(&cfg);
+    let (_, started) = log_fields(&p.wait_line("failover-proxy started"));
+    assert_eq!(started["event_loops"], 3);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    let pid = p.child.id();
+    assert!(thread_switches(pid, "loop-2").is_some());
+    assert!(
+        thread_switches(pid, "loop-3").is_none(),
+        "one loop too many"
+    );
+
+    // Six held connections: the least busy loop takes each, so two each.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        let (id, s) = within("served", served_by(addr)).await.expect("served");
+        assert_eq!(id, "b");
+        held.push(s);
+    }
+    let before: Vec<u64> = ["loop-1", "loop-2"]
+        .iter()
+        .map(|n| thread_switches(pid, n).expect("the loop's thread"))
+        .collect();
+    // Round trips one at a time: a loop serving one of these sleeps
+    // between them, and wakes for each.
+    for round in 0..20u8 {
+        for s in &mut held {
+            s.write_all(&[round]).await.unwrap();
+            let mut echo = [0u8; 1];
+            within("echo", s.read_exact(&mut echo)).await.unwrap();
+            assert_eq!(echo, [round]);
+        }
+    }
+    for (n, was) in ["loop-1", "loop-2"].iter().zip(before) {
+        let woken = thread_switches(pid, n).expect("the loop's thread") - was;
+        // 40 round trips for its two connections; its own timer wakes it
+        // a few times at most.
+        assert!(
+            woken >= 20,
+            "{n} woke {woken} times: it serves none of them"
+        );
+    }
+}
