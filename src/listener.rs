@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::loops::{Handoff, Held, Loops};
+use crate::loops::{Handoff, Held, Loops, Other, Serving};
 use crate::route::{ClientAddr, Route, Shared, serve};
 
 const LISTEN_BACKLOG: u32 = 4096;
@@ -188,9 +188,9 @@ pub async fn accept_loop(
                 match route.limit.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
-                        let (to, serving) = match loops.as_deref().map(Loops::pick) {
-                            Some((to, serving)) => (to, Some(serving)),
-                            None => (None, None),
+                        let (to, serving) = match loops.as_deref() {
+                            Some(l) => l.pick(),
+                            None => (None, Serving),
                         };
                         let held = (permit, drain.clone(), serving);
                         match to {
@@ -247,7 +247,7 @@ pub async fn accept_loop(
 
 /// Sends a connection to another event loop, out of this one's.
 fn hand_off(
-    to: &mpsc::UnboundedSender<Handoff>,
+    to: &Other,
     stream: TcpStream,
     peer: SocketAddr,
     arrived: Instant,
@@ -256,27 +256,36 @@ fn hand_off(
     held: Held,
 ) {
     let name = route.cfg.name.clone();
-    let sent = stream.into_std().map(|stream| {
-        to.send(Handoff {
+    let (permit, drain, serving) = held;
+    let (why, serving) = match stream.into_std() {
+        Ok(stream) => match to.1.send(Handoff {
             stream,
             peer,
             arrived,
             route,
             shared,
-            held,
-        })
-        .is_ok()
-    });
-    match sent {
-        Ok(true) => {}
-        // The loop's thread is gone: only a panic there ends it.
-        Ok(false) => {
-            tracing::error!(route = %name, client.addr = %peer, "connection closed: its event loop has stopped")
-        }
-        Err(e) => {
-            tracing::warn!(route = %name, client.addr = %peer, error = %e, "connection closed: cannot take it out of the event loop")
-        }
-    }
+            held: (permit, drain, serving),
+        }) {
+            Ok(()) => return,
+            // Only a panic there ends a loop's thread.
+            Err(mpsc::error::SendError(h)) => {
+                let Handoff {
+                    held: (_, _, serving),
+                    ..
+                } = h;
+                ("its event loop has stopped".to_string(), serving)
+            }
+        },
+        Err(e) => (
+            format!("cannot take it out of the event loop: {e}"),
+            serving,
+        ),
+    };
+    // Counted on the loop it was meant for, not on this one, where it
+    // would be taken off when dropped here.
+    std::mem::forget(serving);
+    to.0.undo();
+    tracing::error!(route = %name, client.addr = %peer, "connection closed: {why}");
 }
 
 /// Resets every connection to `listener` (bound to `listen`) until `stop`
