@@ -368,7 +368,7 @@ impl Server {
             self.passed.park(addr);
         }
         service::ready();
-        let watchdog = service::spawn_watchdog();
+        let watchdog = service::spawn_watchdog(self.loops.clone());
 
         // Shutdown, or every sender gone, ends the loop.
         while let Some(Control::Reload(new)) = control.recv().await {

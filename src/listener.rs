@@ -258,7 +258,7 @@ fn hand_off(
     let name = route.cfg.name.clone();
     let (permit, drain, serving) = held;
     let (why, serving) = match stream.into_std() {
-        Ok(stream) => match to.1.send(Handoff {
+        Ok(stream) => match to.conns.send(Handoff {
             stream,
             peer,
             arrived,
@@ -284,7 +284,7 @@ fn hand_off(
     // Counted on the loop it was meant for, not on this one, where it
     // would be taken off when dropped here.
     std::mem::forget(serving);
-    to.0.undo();
+    to.load.undo();
     tracing::error!(route = %name, client.addr = %peer, "connection closed: {why}");
 }
 

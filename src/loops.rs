@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::listener::TIMER_ANCHOR;
@@ -78,8 +78,14 @@ impl Load {
     }
 }
 
-/// A loop besides the main one: its count, and its queue of connections.
-pub(crate) type Other = (Arc<Load>, mpsc::UnboundedSender<Handoff>);
+/// A loop besides the main one.
+pub(crate) struct Other {
+    pub load: Arc<Load>,
+    /// Connections handed to it.
+    pub conns: mpsc::UnboundedSender<Handoff>,
+    /// Asks whether it still runs: each sender is answered.
+    pings: mpsc::UnboundedSender<oneshot::Sender<()>>,
+}
 
 /// The loops besides the main one, and how busy each loop is.
 pub struct Loops {
@@ -101,6 +107,7 @@ impl Loops {
                 .enable_all()
                 .build()?;
             let (tx, rx) = mpsc::unbounded_channel();
+            let (ping, pinged) = mpsc::unbounded_channel();
             // Returned once every loop's thread runs (and bears its name).
             let (up, is_up) = std::sync::mpsc::sync_channel(0);
             let load: Arc<Load> = Arc::default();
@@ -110,12 +117,16 @@ impl Loops {
                 .spawn(move || {
                     LOAD.with(|l| l.set(counted)).ok();
                     let _ = up.send(());
-                    rt.block_on(receive(rx));
+                    rt.block_on(receive(rx, pinged));
                 })?;
             is_up
                 .recv()
                 .map_err(|_| io::Error::other(format!("event loop {k} ended at its start")))?;
-            senders.push((load, tx));
+            senders.push(Other {
+                load,
+                conns: tx,
+                pings: ping,
+            });
         }
         // Called on the main loop's thread, which serves its share.
         let main: Arc<Load> = Arc::default();
@@ -138,7 +149,7 @@ impl Loops {
         let first = self.start.fetch_add(1, Ordering::Relaxed) % n;
         let load = |k: usize| match k {
             0 => &self.main,
-            k => &self.others[k - 1].0,
+            k => &self.others[k - 1].load,
         };
         let best = (0..n)
             .map(|i| (first + i) % n)
@@ -147,13 +158,41 @@ impl Loops {
         load(best).0.fetch_add(1, Ordering::Relaxed);
         (best.checked_sub(1).map(|k| &self.others[k]), Serving)
     }
+
+    /// Whether every other loop answers within `wait`: the systemd
+    /// watchdog is pinged only then, so that a loop stuck in a task (its
+    /// connections with it) gets the service restarted, as a stuck main
+    /// loop does.
+    pub async fn all_answer(&self, wait: std::time::Duration) -> bool {
+        let mut answers = Vec::with_capacity(self.others.len());
+        for o in &self.others {
+            let (tx, rx) = oneshot::channel();
+            if o.pings.send(tx).is_err() {
+                return false;
+            }
+            answers.push(rx);
+        }
+        tokio::time::timeout(wait, async {
+            for a in answers {
+                if a.await.is_err() {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap_or(false)
+    }
 }
 
 /// Serves the connections handed to this loop. Keeps a timer due while
 /// they keep coming, as the accept loop does (see [`TIMER_ANCHOR`]): each
 /// connection's timers would otherwise each cost a wake of this loop's
 /// driver.
-async fn receive(mut rx: mpsc::UnboundedReceiver<Handoff>) {
+async fn receive(
+    mut rx: mpsc::UnboundedReceiver<Handoff>,
+    mut pings: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
+) {
     let anchor = tokio::time::sleep(TIMER_ANCHOR);
     tokio::pin!(anchor);
     let mut anchored = false;
@@ -168,6 +207,10 @@ async fn receive(mut rx: mpsc::UnboundedReceiver<Handoff>) {
                 } else {
                     anchored = false;
                 }
+                continue;
+            }
+            Some(ping) = pings.recv() => {
+                let _ = ping.send(());
                 continue;
             }
             h = rx.recv() => match h {
@@ -210,19 +253,69 @@ mod tests {
     fn which(loops: &Loops, to: Option<&Other>) -> usize {
         match to {
             None => 0,
-            Some((_, t)) => {
+            Some(t) => {
                 1 + loops
                     .others
                     .iter()
-                    .position(|(_, o)| o.same_channel(t))
+                    .position(|o| o.conns.same_channel(&t.conns))
                     .expect("one of the loops")
             }
         }
     }
 
+    fn other(
+        conns: mpsc::UnboundedSender<Handoff>,
+        pings: mpsc::UnboundedSender<oneshot::Sender<()>>,
+    ) -> Other {
+        Other {
+            load: Arc::default(),
+            conns,
+            pings,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watchdog_hears_from_every_loop_or_is_not_pinged() {
+        let (a, ra) = mpsc::unbounded_channel();
+        let (pa, pinged_a) = mpsc::unbounded_channel();
+        let (b, _rb) = mpsc::unbounded_channel();
+        let (pb, mut pinged_b) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
+        let loops = Loops {
+            main: Arc::default(),
+            others: vec![other(a, pa), other(b, pb)],
+            start: AtomicUsize::new(0),
+        };
+        // Loop a runs; loop b is stuck: it holds its pings unanswered.
+        tokio::spawn(receive(ra, pinged_a));
+        let held = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Some(p) = pinged_b.recv().await {
+                kept.push(p);
+            }
+        });
+        let wait = std::time::Duration::from_millis(200);
+        assert!(!loops.all_answer(wait).await);
+        held.abort();
+        let _ = held.await;
+        // b's thread gone: no answer either.
+        assert!(!loops.all_answer(wait).await);
+        // Both running.
+        let (b, rb) = mpsc::unbounded_channel();
+        let (pb, pinged_b) = mpsc::unbounded_channel();
+        let loops = Loops {
+            others: vec![
+                other(loops.others[0].conns.clone(), loops.others[0].pings.clone()),
+                other(b, pb),
+            ],
+            ..loops
+        };
+        tokio::spawn(receive(rb, pinged_b));
+        assert!(loops.all_answer(std::time::Duration::from_secs(20)).await);
+    }
+
     fn counts(loops: &Loops) -> Vec<usize> {
         std::iter::once(&loops.main)
-            .chain(loops.others.iter().map(|(l, _)| l))
+            .chain(loops.others.iter().map(|o| &o.load))
             .map(|l| l.0.load(Ordering::Relaxed))
             .collect()
     }
@@ -231,9 +324,11 @@ mod tests {
     fn a_connection_goes_to_the_least_busy_loop_and_equally_busy_ones_take_turns() {
         let (a, _ra) = mpsc::unbounded_channel();
         let (b, _rb) = mpsc::unbounded_channel();
+        let (pa, _pa) = mpsc::unbounded_channel();
+        let (pb, _pb) = mpsc::unbounded_channel();
         let loops = Loops {
             main: Arc::default(),
-            others: vec![(Arc::default(), a), (Arc::default(), b)],
+            others: vec![other(a, pa), other(b, pb)],
             start: AtomicUsize::new(0),
         };
         let pick = || which(&loops, loops.pick().0);
@@ -244,7 +339,7 @@ mod tests {
         assert_eq!(counts(&loops), [1, 1, 1]);
         // Loop 1's connection ends: loop 1 is now the least busy, and takes
         // the next one however the turns stand.
-        loops.others[0].0.undo();
+        loops.others[0].load.undo();
         assert_eq!(pick(), 1);
         // A loop holding more than the others gets none until they catch up.
         let k2 = pick();

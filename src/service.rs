@@ -50,15 +50,27 @@ fn send(states: &[NotifyState], what: &str) {
 }
 
 /// Pings the watchdog at half its period for as long as the returned task
-/// runs, when the unit sets `WatchdogSec`.
-pub fn spawn_watchdog() -> Option<tokio::task::JoinHandle<()>> {
+/// runs, when the unit sets `WatchdogSec`; with other event loops, only
+/// when each of them answers within that half period.
+pub fn spawn_watchdog(
+    loops: Option<std::sync::Arc<crate::loops::Loops>>,
+) -> Option<tokio::task::JoinHandle<()>> {
     let period = sd_notify::watchdog_enabled()?;
     let every = (period / 2).max(Duration::from_millis(100));
     tracing::info!(every = ?every, "systemd watchdog enabled");
     Some(tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            if let Some(l) = &loops
+                && !l.all_answer(every).await
+            {
+                tracing::error!(
+                    "an event loop does not answer: the systemd watchdog is not pinged, so systemd restarts the service"
+                );
+                continue;
+            }
             send(&[NotifyState::Watchdog], "WATCHDOG=1");
         }
     }))
