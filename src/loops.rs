@@ -7,9 +7,11 @@
 //! Chosen by measurement over tokio's multi-threaded runtime, whose workers
 //! share one I/O driver: whichever worker holds it collects every ready
 //! connection, and the other steals or sleeps. On two cores shared with wrk
-//! and nginx, loops of their own served 21 % more keep-alive requests a
-//! second under 128 connections, 8 % more under 32, at less CPU per
-//! request and a lower p99 (README, Speed). One loop per core on a shared
+//! and nginx, loops of their own served 23 % more keep-alive requests a
+//! second under 128 connections, 7 % more under 32, at less CPU per
+//! request and a lower p99; new connections 7 % more under 128 and 5 to
+//! 7 % fewer under 32, where the hand-off's wakeup is on each connection's
+//! path (README, Speed). One loop per core on a shared
 //! listening socket, measured before, woke every idle loop for each
 //! connection that one of them then took; a hand-off wakes only the loop
 //! that takes it.
