@@ -255,9 +255,8 @@ fn hand_off(
     shared: Shared,
     held: Held,
 ) {
-    let name = route.cfg.name.clone();
     let (permit, drain, serving) = held;
-    let (why, serving) = match stream.into_std() {
+    let (route, why, serving) = match stream.into_std() {
         Ok(stream) => match to.conns.send(Handoff {
             stream,
             peer,
@@ -270,13 +269,15 @@ fn hand_off(
             // Only a panic there ends a loop's thread.
             Err(mpsc::error::SendError(h)) => {
                 let Handoff {
+                    route,
                     held: (_, _, serving),
                     ..
                 } = h;
-                ("its event loop has stopped".to_string(), serving)
+                (route, "its event loop has stopped".to_string(), serving)
             }
         },
         Err(e) => (
+            route,
             format!("cannot take it out of the event loop: {e}"),
             serving,
         ),
@@ -285,7 +286,7 @@ fn hand_off(
     // would be taken off when dropped here.
     std::mem::forget(serving);
     to.load.undo();
-    tracing::error!(route = %name, client.addr = %peer, "connection closed: {why}");
+    tracing::error!(route = %route.cfg.name, client.addr = %peer, "connection closed: {why}");
 }
 
 /// Resets every connection to `listener` (bound to `listen`) until `stop`
