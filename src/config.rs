@@ -145,6 +145,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// Its value in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShutdownConfig {
     pub drain_timeout: Duration,

@@ -316,7 +316,7 @@ impl Server {
     }
 
     /// Spreads the connections accepted from now on over `loops` and this
-    /// loop, in turn.
+    /// loop: each goes to the one serving the fewest.
     pub fn spread_over(&mut self, loops: Arc<loops::Loops>) {
         self.loops = Some(loops);
     }
@@ -520,7 +520,6 @@ impl Server {
     ) {
         let mut new = new;
         let old = &self.config;
-        let old_admin = old.admin.listen;
         let restart = keep_restart_only(old, &mut new);
         if !restart.is_empty() {
             tracing::warn!(
@@ -557,7 +556,7 @@ impl Server {
         }
         // Bound before anything changes, as a new route's listener is: a
         // port in use leaves the endpoint where it was.
-        let admin_moved = new.admin.listen != old_admin;
+        let admin_moved = new.admin.listen != old.admin.listen;
         let new_admin = match new.admin.listen.filter(|_| admin_moved) {
             Some(addr) => match bind_admin(addr, &self.passed) {
                 Ok(l) => Some((addr, l)),
@@ -633,7 +632,7 @@ impl Server {
                 let _ = a.stop.send(true);
                 let _ = a.task.await;
             }
-            if let Some(was) = old_admin {
+            if let Some(was) = old.admin.listen {
                 self.passed.park(was);
             }
             match new_admin {
@@ -657,11 +656,10 @@ impl Server {
         }
         if new.log.format != old.log.format {
             logging::set_format(new.log.format);
-            let format = match new.log.format {
-                config::LogFormat::Text => "text",
-                config::LogFormat::Json => "json",
-            };
-            tracing::info!(log.format = format, "reload: log format changed");
+            tracing::info!(
+                log.format = new.log.format.as_str(),
+                "reload: log format changed"
+            );
         }
         tracing::info!(routes = order.len(), "configuration reloaded");
         limits::warn_if_short(&new.routes);

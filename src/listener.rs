@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -26,7 +27,52 @@ const LIMIT_LOG_INTERVAL: Duration = Duration::from_secs(1);
 /// earlier one already pending, every connection would pay for that wake.
 /// Shorter than the default `attempt_delay`; costs ten wakeups a second
 /// while connections arrive, and none once a period passes without one.
-pub(crate) const TIMER_ANCHOR: Duration = Duration::from_millis(100);
+const TIMER_ANCHOR: Duration = Duration::from_millis(100);
+
+/// A timer kept due within [`TIMER_ANCHOR`] while connections keep
+/// arriving, and let go once a period passes without one.
+pub(crate) struct Anchor {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    armed: bool,
+    arrived: bool,
+}
+
+impl Anchor {
+    pub(crate) fn new() -> Anchor {
+        Anchor {
+            sleep: Box::pin(tokio::time::sleep(TIMER_ANCHOR)),
+            armed: false,
+            arrived: false,
+        }
+    }
+
+    /// Whether the timer is set: the condition of a `select!` branch on
+    /// [`Anchor::fired`].
+    pub(crate) fn armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Waits for the timer, then sets it for another period if a
+    /// connection arrived in this one, else lets it go.
+    pub(crate) async fn fired(&mut self) {
+        self.sleep.as_mut().await;
+        if self.arrived {
+            self.arrived = false;
+            self.sleep.as_mut().reset(Instant::now() + TIMER_ANCHOR);
+        } else {
+            self.armed = false;
+        }
+    }
+
+    /// A connection arrived at `at`.
+    pub(crate) fn arrived(&mut self, at: Instant) {
+        self.arrived = true;
+        if !self.armed {
+            self.armed = true;
+            self.sleep.as_mut().reset(at + TIMER_ANCHOR);
+        }
+    }
+}
 
 /// Completes once `rx` says stop. The guard `wait_for` returns is dropped
 /// here, so callers can hold this future across awaits in `Send` tasks.
@@ -143,10 +189,7 @@ pub async fn accept_loop(
     let mut rejected: u64 = 0;
     let mut last_limit_log: Option<Instant> = None;
     let listen = current.get().cfg.listen;
-    let anchor = tokio::time::sleep(TIMER_ANCHOR);
-    tokio::pin!(anchor);
-    let mut anchored = false;
-    let mut arrived_since_anchor = false;
+    let mut anchor = Anchor::new();
     // Rejections over the limit are logged when this is due, summed: so a
     // flood cannot flood the log, and the end of a burst is logged when it
     // ends, not with the next rejection, hours on.
@@ -158,15 +201,7 @@ pub async fn accept_loop(
         let accepted = tokio::select! {
             biased;
             _ = stopped(&mut shutdown) => break,
-            () = anchor.as_mut(), if anchored => {
-                if arrived_since_anchor {
-                    arrived_since_anchor = false;
-                    anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
-                } else {
-                    anchored = false;
-                }
-                continue;
-            }
+            () = anchor.fired(), if anchor.armed() => continue,
             () = limit_flush.as_mut(), if rejected > 0 => {
                 log_rejected(&current.get(), &mut rejected);
                 last_limit_log = Some(Instant::now());
@@ -178,11 +213,7 @@ pub async fn accept_loop(
             Ok((stream, peer)) => {
                 let arrived = Instant::now();
                 backoff.reset();
-                arrived_since_anchor = true;
-                if !anchored {
-                    anchored = true;
-                    anchor.as_mut().reset(arrived + TIMER_ANCHOR);
-                }
+                anchor.arrived(arrived);
                 let route = current.get();
                 route.state.metrics.accepted.increment(1);
                 match route.limit.clone().try_acquire_owned() {

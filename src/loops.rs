@@ -25,7 +25,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::listener::TIMER_ANCHOR;
+use crate::listener::Anchor;
 use crate::route::{ClientAddr, Route, Shared, serve};
 
 /// What a connection needs to be served on another loop. The socket goes
@@ -188,29 +188,18 @@ impl Loops {
 }
 
 /// Serves the connections handed to this loop. Keeps a timer due while
-/// they keep coming, as the accept loop does (see [`TIMER_ANCHOR`]): each
+/// they keep coming, as the accept loop does (see [`Anchor`]): each
 /// connection's timers would otherwise each cost a wake of this loop's
 /// driver.
 async fn receive(
     mut rx: mpsc::UnboundedReceiver<Handoff>,
     mut pings: mpsc::UnboundedReceiver<oneshot::Sender<()>>,
 ) {
-    let anchor = tokio::time::sleep(TIMER_ANCHOR);
-    tokio::pin!(anchor);
-    let mut anchored = false;
-    let mut arrived_since_anchor = false;
+    let mut anchor = Anchor::new();
     loop {
         let h = tokio::select! {
             biased;
-            () = anchor.as_mut(), if anchored => {
-                if arrived_since_anchor {
-                    arrived_since_anchor = false;
-                    anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
-                } else {
-                    anchored = false;
-                }
-                continue;
-            }
+            () = anchor.fired(), if anchor.armed() => continue,
             Some(ping) = pings.recv() => {
                 let _ = ping.send(());
                 continue;
@@ -220,11 +209,7 @@ async fn receive(
                 None => return,
             },
         };
-        arrived_since_anchor = true;
-        if !anchored {
-            anchored = true;
-            anchor.as_mut().reset(Instant::now() + TIMER_ANCHOR);
-        }
+        anchor.arrived(Instant::now());
         match TcpStream::from_std(h.stream) {
             Ok(stream) => {
                 tokio::spawn(serve(
@@ -276,7 +261,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    // Paused time: the wait for a loop that never answers passes at once.
+    #[tokio::test(start_paused = true)]
     async fn the_watchdog_hears_from_every_loop_or_is_not_pinged() {
         let (a, ra) = mpsc::unbounded_channel();
         let (pa, pinged_a) = mpsc::unbounded_channel();
@@ -312,7 +298,7 @@ mod tests {
             ..loops
         };
         tokio::spawn(receive(rb, pinged_b));
-        assert!(loops.all_answer(std::time::Duration::from_secs(20)).await);
+        assert!(loops.all_answer(wait).await);
     }
 
     fn counts(loops: &Loops) -> Vec<usize> {

@@ -696,19 +696,27 @@ async fn memory_levels_off_under_churn_with_the_admin_endpoint_off() {
     );
 }
 
-/// Times the threads of `pid` were switched out: each wakeup ends in one.
-fn context_switches(pid: u32) -> u64 {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read tasks");
-    tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
-        .flat_map(|status| {
-            status
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .collect::<Vec<_>>()
-        })
+/// The threads of `pid`, as their `/proc` folders.
+fn tasks(pid: u32) -> impl Iterator<Item = std::path::PathBuf> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read tasks")
+        .filter_map(|t| Some(t.ok()?.path()))
+}
+
+/// Times the thread at `task` was switched out (voluntarily or not): each
+/// wakeup ends in one. 0 for a thread gone meanwhile.
+fn task_switches(task: &Path) -> u64 {
+    std::fs::read_to_string(task.join("status"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("ctxt_switches:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
+}
+
+/// Times the threads of `pid` were switched out.
+fn context_switches(pid: u32) -> u64 {
+    tasks(pid).map(|t| task_switches(&t)).sum()
 }
 
 /// An idle sidecar sleeps: nothing in it ticks while no client connects,
@@ -1474,17 +1482,9 @@ async fn resets_held_back_are_logged_when_their_second_is_over_though_none_follo
 
 /// Context switches of the thread of `pid` named `name`, if there is one.
 fn thread_switches(pid: u32, name: &str) -> Option<u64> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("read tasks");
-    tasks.filter_map(Result::ok).find_map(|t| {
-        let comm = std::fs::read_to_string(t.path().join("comm")).ok()?;
-        (comm.trim() == name).then(|| {
-            std::fs::read_to_string(t.path().join("status"))
-                .unwrap_or_default()
-                .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
-                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                .sum()
-        })
+    tasks(pid).find_map(|t| {
+        let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+        (comm.trim() == name).then(|| task_switches(&t))
     })
 }
 
