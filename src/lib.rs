@@ -129,8 +129,8 @@ pub struct Server {
     /// whether or not the admin endpoint serves them.
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     passed: Passed,
-    /// The event loops besides this one that connections are spread over.
-    loops: Option<Arc<loops::Loops>>,
+    /// The event loops that connections are spread over, this one first.
+    loops: Arc<loops::Spread>,
 }
 
 /// The listening sockets systemd passed (socket activation).
@@ -311,14 +311,17 @@ impl Server {
             admin,
             metrics: handle,
             passed,
-            loops: None,
+            loops: Arc::new(loops::Spread::main_only()),
         })
     }
 
-    /// Spreads the connections accepted from now on over `loops` and this
-    /// loop: each goes to the one serving the fewest.
-    pub fn spread_over(&mut self, loops: Arc<loops::Loops>) {
-        self.loops = Some(loops);
+    /// Spreads the connections accepted from now on over `total` event
+    /// loops, this one included: each goes to the one serving the fewest.
+    /// Starts the loops it needs.
+    pub fn spread_over(&mut self, total: usize) -> std::io::Result<()> {
+        let loops = self.loops.current().resized(total)?;
+        self.loops.set(loops);
+        Ok(())
     }
 
     /// The bound address of each route, in configuration order.
@@ -518,15 +521,7 @@ impl Server {
         admin: &mut Option<AdminServer>,
         drain: &mpsc::Sender<()>,
     ) {
-        let mut new = new;
         let old = &self.config;
-        let restart = keep_restart_only(old, &mut new);
-        if !restart.is_empty() {
-            tracing::warn!(
-                keys = %restart.join(", "),
-                "reload: these settings take effect only after a restart; the running values stay"
-            );
-        }
         // Built now, installed once every new listener is bound: a failure
         // of either leaves all as it was.
         let resolver = if new.resolver == old.resolver {
@@ -567,6 +562,34 @@ impl Server {
             },
             None => None,
         };
+        // Started after the other steps that can fail: a loop started for a
+        // reload then refused would hold nothing, but would be a thread.
+        let loops = if new.runtime.worker_threads == old.runtime.worker_threads {
+            None
+        } else {
+            let total = loops::event_loops(new.runtime.worker_threads);
+            let current = self.loops.current();
+            match current.resized(total) {
+                Ok(l) if total != current.count() => Some(l),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::error!(
+                        runtime.worker_threads = new.runtime.worker_threads,
+                        error = %e,
+                        "reload: cannot start more event loops; keeping the running configuration"
+                    );
+                    return;
+                }
+            }
+        };
+        if let Some(l) = loops {
+            let n = l.count();
+            self.loops.set(l);
+            tracing::info!(
+                event_loops = n,
+                "reload: event loops changed; new connections are spread over them"
+            );
+        }
         if let Some(r) = resolver {
             let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());
             // The last good answers go on: a reload made during a DNS
@@ -665,18 +688,6 @@ impl Server {
         limits::warn_if_short(&new.routes);
         self.config = new;
     }
-}
-
-/// The settings of `new` that only a restart applies are set back to the
-/// running ones of `old`, so that the configuration kept is what runs and
-/// the next reload compares against it; returns the keys that changed.
-fn keep_restart_only(old: &Config, new: &mut Config) -> Vec<&'static str> {
-    let mut keys = Vec::new();
-    if new.runtime.worker_threads != old.runtime.worker_threads {
-        keys.push("runtime.worker_threads");
-        new.runtime.worker_threads = old.runtime.worker_threads;
-    }
-    keys
 }
 
 /// A mutex's data even if a thread panicked while holding it: every lock in

@@ -11,7 +11,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::loops::{Handoff, Held, Loops, Other, Serving};
+use crate::loops::{Handoff, Held, Other, Spread};
 use crate::route::{ClientAddr, Route, Shared, serve};
 
 const LISTEN_BACKLOG: u32 = 4096;
@@ -183,7 +183,7 @@ pub async fn accept_loop(
     shared: Arc<RwLock<Shared>>,
     mut shutdown: watch::Receiver<bool>,
     drain: mpsc::Sender<()>,
-    loops: Option<Arc<Loops>>,
+    spread: Arc<Spread>,
 ) {
     let mut backoff = Backoff::new();
     let mut rejected: u64 = 0;
@@ -219,10 +219,8 @@ pub async fn accept_loop(
                 match route.limit.clone().try_acquire_owned() {
                     Ok(permit) => {
                         let shared = shared.read().unwrap_or_else(|p| p.into_inner()).clone();
-                        let (to, serving) = match loops.as_deref() {
-                            Some(l) => l.pick(),
-                            None => (None, Serving),
-                        };
+                        let loops = spread.current();
+                        let (to, serving) = loops.pick();
                         let held = (permit, drain.clone(), serving);
                         match to {
                             // Spawned as is, not wrapped in another async

@@ -2,7 +2,9 @@
 //! each core gets a single-threaded event loop of its own, with its own
 //! epoll, and the accept loops (on the main loop) hand each new connection
 //! to the loop serving the fewest connections; it then lives there to its
-//! end.
+//! end. A reload that changes `runtime.worker_threads` starts loops or
+//! retires them: a retired loop keeps its connections to their end and
+//! takes no new ones.
 //!
 //! Chosen by measurement over tokio's multi-threaded runtime, whose workers
 //! share one I/O driver: whichever worker holds it collects every ready
@@ -18,8 +20,8 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
@@ -81,6 +83,7 @@ impl Load {
 }
 
 /// A loop besides the main one.
+#[derive(Clone)]
 pub(crate) struct Other {
     pub load: Arc<Load>,
     /// Connections handed to it.
@@ -89,55 +92,81 @@ pub(crate) struct Other {
     pings: mpsc::UnboundedSender<oneshot::Sender<()>>,
 }
 
-/// The loops besides the main one, and how busy each loop is.
+/// How many event loops `runtime.worker_threads` asks for: `0` is one per
+/// core.
+pub fn event_loops(worker_threads: usize) -> usize {
+    match worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// The event loops connections are spread over, replaced whole when a
+/// reload changes `runtime.worker_threads`.
+pub struct Spread(RwLock<Arc<Loops>>);
+
+impl Spread {
+    /// The main loop alone. Called on the main loop's thread: connections
+    /// served there are counted there.
+    pub fn main_only() -> Spread {
+        let main = LOAD.with(|l| l.get_or_init(Arc::default).clone());
+        Spread(RwLock::new(Arc::new(Loops {
+            main,
+            others: Vec::new(),
+            active: 0,
+            start: AtomicUsize::new(0),
+        })))
+    }
+
+    /// The loops as they are now.
+    pub fn current(&self) -> Arc<Loops> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Spreads the connections accepted from now on over `loops`.
+    pub fn set(&self, loops: Loops) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loops);
+    }
+}
+
+/// The event loops, and how busy each one is.
 pub struct Loops {
     /// The main loop's count, then each other loop's with its queue.
     main: Arc<Load>,
+    /// Every loop started so far. A loop a reload retires stays, with the
+    /// connections it serves, and takes no new ones; a later reload that
+    /// asks for more loops takes it back first. Idle, it is never woken.
     others: Vec<Other>,
+    /// How many of `others`, from the first, take new connections.
+    active: usize,
     /// Where the search for the least busy loop starts, moved on each time:
     /// among equally busy loops, connections go round.
     start: AtomicUsize,
 }
 
 impl Loops {
-    /// Starts `others` loops, each on a thread of its own (`loop-1`, ...),
-    /// running once this returns. They run until the process exits.
-    pub fn start(others: usize) -> io::Result<Arc<Loops>> {
-        let mut senders = Vec::with_capacity(others);
-        for k in 1..=others {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let (tx, rx) = mpsc::unbounded_channel();
-            let (ping, pinged) = mpsc::unbounded_channel();
-            // Returned once every loop's thread runs (and bears its name).
-            let (up, is_up) = std::sync::mpsc::sync_channel(0);
-            let load: Arc<Load> = Arc::default();
-            let counted = load.clone();
-            std::thread::Builder::new()
-                .name(format!("loop-{k}"))
-                .spawn(move || {
-                    LOAD.with(|l| l.set(counted)).ok();
-                    let _ = up.send(());
-                    rt.block_on(receive(rx, pinged));
-                })?;
-            is_up
-                .recv()
-                .map_err(|_| io::Error::other(format!("event loop {k} ended at its start")))?;
-            senders.push(Other {
-                load,
-                conns: tx,
-                pings: ping,
-            });
+    /// How many loops take new connections, the main one included.
+    pub fn count(&self) -> usize {
+        self.active + 1
+    }
+
+    /// These loops resized to `total`, the main one included: loops this
+    /// set has already are taken first, and the others are started, each
+    /// on a thread of its own (`loop-1`, ...), running once this returns.
+    /// Loops past `total` stay, retired: they serve the connections they
+    /// have and take no new ones.
+    pub fn resized(&self, total: usize) -> io::Result<Loops> {
+        let active = total.max(1) - 1;
+        let mut others = self.others.clone();
+        for k in others.len() + 1..=active {
+            others.push(start_loop(k)?);
         }
-        // Called on the main loop's thread, which serves its share.
-        let main: Arc<Load> = Arc::default();
-        LOAD.with(|l| l.set(main.clone())).ok();
-        Ok(Arc::new(Loops {
-            main,
-            others: senders,
+        Ok(Loops {
+            main: self.main.clone(),
+            others,
+            active,
             start: AtomicUsize::new(0),
-        }))
+        })
     }
 
     /// The loop to take a new connection, counted in from now: the one
@@ -147,7 +176,13 @@ impl Loops {
     /// bottleneck and the other cores idle. `None` is the main loop,
     /// which serves the connection where it was accepted.
     pub(crate) fn pick(&self) -> (Option<&Other>, Serving) {
-        let n = self.others.len() + 1;
+        let n = self.active + 1;
+        if n == 1 {
+            // Counted all the same: a reload may add loops while this
+            // connection is open, and its end is taken off the count.
+            self.main.0.fetch_add(1, Ordering::Relaxed);
+            return (None, Serving);
+        }
         let first = self.start.fetch_add(1, Ordering::Relaxed) % n;
         let load = |k: usize| match k {
             0 => &self.main,
@@ -161,10 +196,10 @@ impl Loops {
         (best.checked_sub(1).map(|k| &self.others[k]), Serving)
     }
 
-    /// Whether every other loop answers within `wait`: the systemd
-    /// watchdog is pinged only then, so that a loop stuck in a task (its
-    /// connections with it) gets the service restarted, as a stuck main
-    /// loop does.
+    /// Whether every other loop, retired ones included (they may still
+    /// serve connections), answers within `wait`: the systemd watchdog is
+    /// pinged only then, so that a loop stuck in a task (its connections
+    /// with it) gets the service restarted, as a stuck main loop does.
     pub async fn all_answer(&self, wait: std::time::Duration) -> bool {
         let mut answers = Vec::with_capacity(self.others.len());
         for o in &self.others {
@@ -187,6 +222,35 @@ impl Loops {
     }
 }
 
+/// Starts loop `k` on a thread of its own (`loop-k`), running once this
+/// returns.
+fn start_loop(k: usize) -> io::Result<Other> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ping, pinged) = mpsc::unbounded_channel();
+    // Returned once the loop's thread runs (and bears its name).
+    let (up, is_up) = std::sync::mpsc::sync_channel(0);
+    let load: Arc<Load> = Arc::default();
+    let counted = load.clone();
+    std::thread::Builder::new()
+        .name(format!("loop-{k}"))
+        .spawn(move || {
+            LOAD.with(|l| l.set(counted)).ok();
+            let _ = up.send(());
+            rt.block_on(receive(rx, pinged));
+        })?;
+    is_up
+        .recv()
+        .map_err(|_| io::Error::other(format!("event loop {k} ended at its start")))?;
+    Ok(Other {
+        load,
+        conns: tx,
+        pings: ping,
+    })
+}
+
 /// Serves the connections handed to this loop. Keeps a timer due while
 /// they keep coming, as the accept loop does (see [`Anchor`]): each
 /// connection's timers would otherwise each cost a wake of this loop's
@@ -206,6 +270,9 @@ async fn receive(
             }
             h = rx.recv() => match h {
                 Some(h) => h,
+                // No set of loops holds this one any more: it was started
+                // for a reload that was then refused, and never had a
+                // connection. (A reload keeps every loop that ran.)
                 None => return,
             },
         };
@@ -271,6 +338,7 @@ mod tests {
         let loops = Loops {
             main: Arc::default(),
             others: vec![other(a, pa), other(b, pb)],
+            active: 2,
             start: AtomicUsize::new(0),
         };
         // Loop a runs; loop b is stuck: it holds its pings unanswered.
@@ -317,6 +385,7 @@ mod tests {
         let loops = Loops {
             main: Arc::default(),
             others: vec![other(a, pa), other(b, pb)],
+            active: 2,
             start: AtomicUsize::new(0),
         };
         let pick = || which(&loops, loops.pick().0);
@@ -334,6 +403,52 @@ mod tests {
         let k3 = pick();
         assert_ne!(k2, k3, "equally busy loops take turns");
         assert_eq!(counts(&loops).iter().sum::<usize>(), 5);
+    }
+
+    #[test]
+    fn a_reload_starts_loops_retires_them_and_takes_them_back_first() {
+        // On a thread of its own: the main loop's count is the thread's.
+        std::thread::spawn(|| {
+            let spread = Spread::main_only();
+            let one = spread.current();
+            assert_eq!(one.count(), 1);
+            // One loop counts its connections too, so that loops a reload
+            // adds meanwhile find it as busy as it is.
+            let (to, serving) = one.pick();
+            assert!(to.is_none());
+            assert_eq!(counts(&one), [1]);
+
+            let three = one.resized(3).expect("two loops started");
+            assert_eq!((three.count(), three.others.len()), (3, 2));
+            spread.set(three);
+            let three = spread.current();
+            assert_eq!(counts(&three), [1, 0, 0], "the count goes on");
+            drop(serving);
+            assert_eq!(counts(&three), [0, 0, 0]);
+
+            let two = three.resized(2).expect("nothing to start");
+            assert_eq!(
+                (two.count(), two.others.len()),
+                (2, 2),
+                "the retired loop stays for the connections it serves"
+            );
+            for _ in 0..6 {
+                let (to, serving) = two.pick();
+                // Counted where it went; this thread is only the main loop's.
+                std::mem::forget(serving);
+                assert_ne!(which(&two, to), 2, "a retired loop takes no connection");
+            }
+            assert_eq!(counts(&two), [3, 3, 0]);
+
+            let back = two.resized(3).expect("nothing to start");
+            assert!(
+                back.others[1].conns.same_channel(&three.others[1].conns),
+                "the retired loop is taken back, not started anew"
+            );
+            assert_eq!(which(&back, back.pick().0), 2, "and is the least busy");
+        })
+        .join()
+        .expect("the test's thread");
     }
 
     #[test]

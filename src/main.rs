@@ -57,17 +57,12 @@ fn main() -> ExitCode {
     }
 }
 
-/// The main event loop, and how many more to spread connections over:
-/// one single-threaded loop per worker thread (see `loops`).
-fn runtime(worker_threads: usize) -> std::io::Result<(tokio::runtime::Runtime, usize)> {
-    let loops = match worker_threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// The main event loop: single-threaded, and joined by one more per extra
+/// worker thread (see `loops`).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    Ok((rt, loops - 1))
+        .build()
 }
 
 fn run(config: Config, path: config::ConfigPath) -> ExitCode {
@@ -79,23 +74,14 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
             "raised the soft open-file limit to the hard limit"
         );
     }
-    let (rt, others) = match runtime(config.runtime.worker_threads) {
+    let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
             fatal(&format!("cannot start the async runtime: {e}"));
             return ExitCode::from(EXIT_FATAL);
         }
     };
-    let loops = match others {
-        0 => None,
-        n => match failover_proxy::loops::Loops::start(n) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                fatal(&format!("cannot start {n} more event loops: {e}"));
-                return ExitCode::from(EXIT_FATAL);
-            }
-        },
-    };
+    let loops = failover_proxy::loops::event_loops(config.runtime.worker_threads);
     rt.block_on(async move {
         // Installed before binding, so a SIGTERM that arrives during start-up
         // is a clean stop rather than the default kill.
@@ -113,12 +99,13 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
                 return ExitCode::from(EXIT_FATAL);
             }
         };
-        if let Some(l) = loops {
-            server.spread_over(l);
+        if let Err(e) = server.spread_over(loops) {
+            fatal(&format!("cannot start {} more event loops: {e}", loops - 1));
+            return ExitCode::from(EXIT_FATAL);
         }
         tracing::info!(
             version = failover_proxy::VERSION,
-            event_loops = others + 1,
+            event_loops = loops,
             "failover-proxy started"
         );
         tokio::spawn(logging::report_dropped());
@@ -143,8 +130,8 @@ fn fatal(why: &str) {
 }
 
 fn run_check(config: Config) -> ExitCode {
-    let rt = match runtime(1) {
-        Ok((rt, _)) => rt,
+    let rt = match runtime() {
+        Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::from(EXIT_FATAL);

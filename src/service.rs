@@ -53,7 +53,7 @@ fn send(states: &[NotifyState], what: &str) {
 /// runs, when the unit sets `WatchdogSec`; with other event loops, only
 /// when each of them answers within that half period.
 pub fn spawn_watchdog(
-    loops: Option<std::sync::Arc<crate::loops::Loops>>,
+    loops: std::sync::Arc<crate::loops::Spread>,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let period = sd_notify::watchdog_enabled()?;
     let every = (period / 2).max(Duration::from_millis(100));
@@ -63,9 +63,7 @@ pub fn spawn_watchdog(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Some(l) = &loops
-                && !l.all_answer(every).await
-            {
+            if !loops.current().all_answer(every).await {
                 tracing::error!(
                     "an event loop does not answer: the systemd watchdog is not pinged, so systemd restarts the service"
                 );

@@ -1309,7 +1309,7 @@ fn set_log_level(cfg: &Path, level: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_reload_changes_the_log_level_and_names_the_key_that_needs_a_restart() {
+async fn a_reload_changes_the_log_level_unless_rust_log_is_set() {
     let b = backend(ip(167), "b").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(
@@ -1333,16 +1333,9 @@ async fn a_reload_changes_the_log_level_and_names_the_key_that_needs_a_restart()
         exchange(addr, b"quiet").await;
         no_connection_open(admin, "cluster.test").await;
 
-        // A level, and a setting only a restart applies.
         set_log_level(&cfg, "info");
-        let text = std::fs::read_to_string(&cfg).unwrap();
-        std::fs::write(&cfg, format!("{text}\n[runtime]\nworker_threads = 1\n")).unwrap();
         p.signal("HUP");
         let mut lines = p.lines_until("configuration reloaded");
-        let restart = logged(&lines, "only after a restart");
-        assert_eq!(restart.len(), 1, "{lines:?}");
-        assert_eq!(restart[0].0, "WARN");
-        assert_eq!(restart[0].1["keys"], "runtime.worker_threads");
 
         let (_, client) = exchange(addr, b"loud").await;
         no_connection_open(admin, "cluster.test").await;
@@ -1363,10 +1356,6 @@ async fn a_reload_changes_the_log_level_and_names_the_key_that_needs_a_restart()
             assert!(closed.is_empty(), "{lines:?}");
         }
         // Back to the start for the next round.
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("\n[runtime]\nworker_threads = 1\n", "");
-        std::fs::write(&cfg, text).unwrap();
         set_log_level(&cfg, quiet);
     }
 }
@@ -1542,4 +1531,103 @@ async fn connections_are_spread_over_an_event_loop_per_worker_thread() {
             "{n} woke {woken} times: it serves none of them"
         );
     }
+}
+
+/// Round trips of one byte, one connection at a time, so that a loop
+/// serving one of them sleeps between them and wakes for each.
+async fn round_trips(held: &mut [TcpStream], rounds: u8) {
+    for round in 0..rounds {
+        for s in held.iter_mut() {
+            s.write_all(&[round]).await.unwrap();
+            let mut echo = [0u8; 1];
+            within("echo", s.read_exact(&mut echo)).await.unwrap();
+            assert_eq!(echo, [round]);
+        }
+    }
+}
+
+/// How often each of `names` woke while `f` ran.
+async fn woken_during<F: Future<Output = ()>>(pid: u32, names: &[&str], f: F) -> Vec<u64> {
+    let before: Vec<u64> = names
+        .iter()
+        .map(|n| thread_switches(pid, n).expect("the loop's thread"))
+        .collect();
+    f.await;
+    names
+        .iter()
+        .zip(before)
+        .map(|(n, was)| thread_switches(pid, n).expect("the loop's thread") - was)
+        .collect()
+}
+
+/// A reload that changes `runtime.worker_threads` starts event loops for
+/// the next connections; one that lowers it retires loops, which go on
+/// serving the connections they have and take no new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_starts_event_loops_and_retires_them_with_their_connections() {
+    let b = backend(ip(204), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let threads = |n: u8| format!("[health]\ninterval = \"0s\"\n[runtime]\nworker_threads = {n}\n");
+    let cfg = write_config(dir.path(), ip(204), b.addr.port(), &threads(1));
+    let reload_to = |n: u8| write_config(dir.path(), ip(204), b.addr.port(), &threads(n));
+    let p = Running::spawn(&cfg);
+    let (_, started) = log_fields(&p.wait_line("failover-proxy started"));
+    assert_eq!(started["event_loops"], 1);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    let pid = p.child.id();
+    assert!(thread_switches(pid, "loop-1").is_none(), "one loop only");
+    let hold = |n: usize| async move {
+        let mut held = Vec::new();
+        for _ in 0..n {
+            let (id, s) = within("served", served_by(addr)).await.expect("served");
+            assert_eq!(id, "b");
+            held.push(s);
+        }
+        held
+    };
+    // Two on the main loop, then three loops: the two new ones are the
+    // least busy, and take the next connections.
+    let mut first = hold(2).await;
+    reload_to(3);
+    p.signal("HUP");
+    let (_, changed) = log_fields(&p.wait_line("event loops changed"));
+    assert_eq!(changed["event_loops"], 3);
+    p.wait_line("configuration reloaded");
+    let mut second = hold(6).await;
+    let woken = woken_during(pid, &["loop-1", "loop-2"], round_trips(&mut second, 20)).await;
+    for (n, w) in ["loop-1", "loop-2"].iter().zip(woken) {
+        assert!(w >= 20, "{n} woke {w} times: it serves none of them");
+    }
+
+    // Back to two: loop-2 is retired. Its connections go on there, and
+    // it takes none of the new ones.
+    reload_to(2);
+    p.signal("HUP");
+    let (_, changed) = log_fields(&p.wait_line("event loops changed"));
+    assert_eq!(changed["event_loops"], 2);
+    p.wait_line("configuration reloaded");
+    let woken = woken_during(pid, &["loop-2"], round_trips(&mut second, 20)).await;
+    assert!(
+        woken[0] >= 20,
+        "loop-2 woke {} times: its connections went",
+        woken[0]
+    );
+    let mut third = hold(4).await;
+    let woken = woken_during(pid, &["loop-1", "loop-2"], round_trips(&mut third, 40)).await;
+    assert!(
+        woken[0] >= 20,
+        "loop-1 woke {} times: it took none of the new connections",
+        woken[0]
+    );
+    // Its own connections' timers (keepalive armed after a second) wake
+    // it a few times at most; 160 round trips would wake it 40 times.
+    assert!(
+        woken[1] < 10,
+        "loop-2 woke {} times: it took new connections",
+        woken[1]
+    );
+    // Every connection, whichever loop serves it, still carries bytes.
+    round_trips(&mut first, 2).await;
+    round_trips(&mut second, 2).await;
+    round_trips(&mut third, 2).await;
 }
