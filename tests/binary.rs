@@ -1508,28 +1508,11 @@ async fn connections_are_spread_over_an_event_loop_per_worker_thread() {
         assert_eq!(id, "b");
         held.push(s);
     }
-    let before: Vec<u64> = ["loop-1", "loop-2"]
-        .iter()
-        .map(|n| thread_switches(pid, n).expect("the loop's thread"))
-        .collect();
-    // Round trips one at a time: a loop serving one of these sleeps
-    // between them, and wakes for each.
-    for round in 0..20u8 {
-        for s in &mut held {
-            s.write_all(&[round]).await.unwrap();
-            let mut echo = [0u8; 1];
-            within("echo", s.read_exact(&mut echo)).await.unwrap();
-            assert_eq!(echo, [round]);
-        }
-    }
-    for (n, was) in ["loop-1", "loop-2"].iter().zip(before) {
-        let woken = thread_switches(pid, n).expect("the loop's thread") - was;
+    let woken = woken_during(pid, &["loop-1", "loop-2"], round_trips(&mut held, 20)).await;
+    for (n, w) in ["loop-1", "loop-2"].iter().zip(woken) {
         // 40 round trips for its two connections; its own timer wakes it
         // a few times at most.
-        assert!(
-            woken >= 20,
-            "{n} woke {woken} times: it serves none of them"
-        );
+        assert!(w >= 20, "{n} woke {w} times: it serves none of them");
     }
 }
 
