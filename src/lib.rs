@@ -114,6 +114,20 @@ struct Slot {
 struct AdminServer {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Where it is bound.
+    addr: Option<SocketAddr>,
+}
+
+/// Where a reload moves the admin endpoint.
+enum AdminMove {
+    Bound(SocketAddr, TcpListener),
+    /// The running endpoint holds the port (the same port on another form
+    /// of the address: `127.0.0.1:9464` to `0.0.0.0:9464`): bound once it
+    /// stops; `was` is where it is bound.
+    AfterStop {
+        addr: SocketAddr,
+        was: SocketAddr,
+    },
 }
 
 /// A proxy with every listener bound, not yet accepting.
@@ -434,8 +448,28 @@ impl Server {
     }
 
     /// Starts serving the admin endpoint on `l`.
+    /// Where the running admin endpoint is bound, if that is why binding
+    /// `addr` failed: it holds the port. Not for a socket systemd passed:
+    /// systemd keeps its own copy, which stopping the endpoint leaves bound.
+    fn held_by(
+        &self,
+        running: Option<&AdminServer>,
+        addr: SocketAddr,
+        e: &StartError,
+    ) -> Option<SocketAddr> {
+        let StartError::AdminBind { source, .. } = e else {
+            return None;
+        };
+        let at = running.and_then(|a| a.addr)?;
+        (source.kind() == io::ErrorKind::AddrInUse
+            && at.port() == addr.port()
+            && !self.passed.sockets.iter().any(|(a, _)| *a == at))
+        .then_some(at)
+    }
+
     fn start_admin(&self, l: TcpListener) -> AdminServer {
-        if let Ok(a) = l.local_addr() {
+        let addr = l.local_addr().ok();
+        if let Some(a) = addr {
             tracing::info!(listen = %a, "admin endpoint listening");
         }
         let (stop, stop_rx) = watch::channel(false);
@@ -445,7 +479,7 @@ impl Server {
             admin::Limits::default(),
             stop_rx,
         ));
-        AdminServer { stop, task }
+        AdminServer { stop, task, addr }
     }
 
     fn start_slot(
@@ -515,7 +549,7 @@ impl Server {
     /// read only at start are logged as needing a restart.
     async fn reload(
         &mut self,
-        new: Config,
+        mut new: Config,
         slots: &mut HashMap<SocketAddr, Slot>,
         order: &mut Vec<SocketAddr>,
         admin: &mut Option<AdminServer>,
@@ -550,15 +584,19 @@ impl Server {
             }
         }
         // Bound before anything changes, as a new route's listener is: a
-        // port in use leaves the endpoint where it was.
+        // port in use leaves the endpoint where it was, unless the endpoint
+        // itself holds it.
         let admin_moved = new.admin.listen != old.admin.listen;
         let new_admin = match new.admin.listen.filter(|_| admin_moved) {
             Some(addr) => match bind_admin(addr, &self.passed) {
-                Ok(l) => Some((addr, l)),
-                Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "reload: keeping the running configuration");
-                    return;
-                }
+                Ok(l) => Some(AdminMove::Bound(addr, l)),
+                Err(e) => match self.held_by(admin.as_ref(), addr, &e) {
+                    Some(was) => Some(AdminMove::AfterStop { addr, was }),
+                    None => {
+                        tracing::error!(error = %error_chain(&e), "reload: keeping the running configuration");
+                        return;
+                    }
+                },
             },
             None => None,
         };
@@ -659,9 +697,28 @@ impl Server {
                 self.passed.park(was);
             }
             match new_admin {
-                Some((addr, l)) => {
+                Some(AdminMove::Bound(addr, l)) => {
                     self.passed.unpark(addr).await;
                     *admin = Some(self.start_admin(l));
+                }
+                Some(AdminMove::AfterStop { addr, was }) => {
+                    let (running, l) = match bind_admin(addr, &self.passed) {
+                        Ok(l) => (new.admin.listen, Ok(l)),
+                        // Someone else holds it: back where it was, if
+                        // that can still be bound.
+                        Err(e) => {
+                            tracing::error!(error = %error_chain(&e), "reload: admin endpoint not moved; back on its old address");
+                            (old.admin.listen, bind_admin(was, &self.passed))
+                        }
+                    };
+                    match l {
+                        Ok(l) => *admin = Some(self.start_admin(l)),
+                        Err(e) => {
+                            tracing::error!(error = %error_chain(&e), "reload: admin endpoint off")
+                        }
+                    }
+                    // What runs, for the next reload to compare against.
+                    new.admin.listen = admin.as_ref().and(running);
                 }
                 None => tracing::info!("reload: admin endpoint off"),
             }

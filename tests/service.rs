@@ -575,6 +575,65 @@ async fn sighup_turns_the_admin_endpoint_on_moves_it_and_turns_it_off() {
     assert_eq!(id_via(r).await, "am");
 }
 
+/// Moving the endpoint to another form of its own address on the same
+/// port (`127.0.0.1:9464` to `0.0.0.0:9464`, here to the IPv4-mapped IPv6
+/// form, which conflicts the same way but stays on loopback): the running
+/// endpoint holds the port, so it stops first. Where someone else holds
+/// the port, the endpoint goes back where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_moves_to_another_form_of_its_address_on_the_same_port() {
+    let bk = backend(ip(205), "af").await;
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = dir.path().join("hosts");
+    std::fs::write(&hosts, "127.0.0.205 af.test\n").unwrap();
+    let cfg = dir.path().join("proxy.toml");
+    let write = |admin: &str| {
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}{}",
+                route("af", "127.0.0.205:0", "af.test", bk.addr.port()),
+                tail_admin(&hosts, admin)
+                    .replace("[admin]\n", "[admin]\nallow_non_loopback = true\n")
+            ),
+        )
+        .unwrap();
+    };
+    write("127.0.0.205:0");
+    let p = Running::spawn(&cfg);
+    let r = listening(&p, "af");
+    let first = listen_addr(&p.wait_line("admin endpoint listening"));
+    let port = first.port();
+
+    let mapped = format!("[::ffff:127.0.0.205]:{port}");
+    write(&mapped);
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(
+        !lines
+            .iter()
+            .any(|l| l.contains("keeping the running configuration")),
+        "{lines:?}"
+    );
+    assert_eq!(admin_moved_to(&lines).to_string(), mapped);
+    assert_eq!(http_get(first, "/healthz").await.0, 200);
+
+    // Someone else holds the port on the next address: the endpoint is
+    // back on the mapped one, and says so.
+    let taken = std::net::TcpListener::bind((ip(206), port)).unwrap();
+    write(&format!("127.0.0.206:{port}"));
+    p.signal("HUP");
+    let lines = p.lines_until("configuration reloaded");
+    assert!(
+        lines.iter().any(|l| l.contains("admin endpoint not moved")),
+        "{lines:?}"
+    );
+    assert_eq!(admin_moved_to(&lines).to_string(), mapped);
+    assert_eq!(http_get(first, "/healthz").await.0, 200);
+    drop(taken);
+    assert_eq!(id_via(r).await, "af");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_endpoint_on_a_socket_from_systemd_refuses_once_moved_and_can_come_back() {
     let bk = backend(ip(197), "ab").await;
