@@ -163,6 +163,11 @@ struct Passed {
 }
 
 impl Passed {
+    /// Whether systemd passed a socket for `addr`.
+    fn holds(&self, addr: SocketAddr) -> bool {
+        self.sockets.iter().any(|(a, _)| *a == addr)
+    }
+
     /// A descriptor of the socket systemd passed for `addr`, if it did,
     /// ready for tokio (systemd passes blocking sockets).
     fn take(&self, addr: SocketAddr) -> Option<io::Result<std::net::TcpListener>> {
@@ -447,7 +452,6 @@ impl Server {
             .collect();
     }
 
-    /// Starts serving the admin endpoint on `l`.
     /// Where the running admin endpoint is bound, if that is why binding
     /// `addr` failed: it holds the port. Not for a socket systemd passed:
     /// systemd keeps its own copy, which stopping the endpoint leaves bound.
@@ -463,10 +467,11 @@ impl Server {
         let at = running.and_then(|a| a.addr)?;
         (source.kind() == io::ErrorKind::AddrInUse
             && at.port() == addr.port()
-            && !self.passed.sockets.iter().any(|(a, _)| *a == at))
+            && !self.passed.holds(at))
         .then_some(at)
     }
 
+    /// Starts serving the admin endpoint on `l`.
     fn start_admin(&self, l: TcpListener) -> AdminServer {
         let addr = l.local_addr().ok();
         if let Some(a) = addr {
@@ -545,8 +550,8 @@ impl Server {
 
     /// Applies a new configuration: routes are matched by `listen`; new ones
     /// start, removed ones stop accepting (their connections drain), changed
-    /// ones apply to new connections; a moved admin endpoint moves. Settings
-    /// read only at start are logged as needing a restart.
+    /// ones apply to new connections; a moved admin endpoint moves; a new
+    /// number of event loops applies to new connections.
     async fn reload(
         &mut self,
         mut new: Config,
@@ -602,22 +607,24 @@ impl Server {
         };
         // Started after the other steps that can fail: a loop started for a
         // reload then refused would hold nothing, but would be a thread.
-        let loops = if new.runtime.worker_threads == old.runtime.worker_threads {
-            None
-        } else {
-            let total = loops::event_loops(new.runtime.worker_threads);
-            let current = self.loops.current();
-            match current.resized(total) {
-                Ok(l) if total != current.count() => Some(l),
-                Ok(_) => None,
-                Err(e) => {
-                    tracing::error!(
-                        runtime.worker_threads = new.runtime.worker_threads,
-                        error = %e,
-                        "reload: cannot start more event loops; keeping the running configuration"
-                    );
-                    return;
-                }
+        let resize = (new.runtime.worker_threads != old.runtime.worker_threads)
+            .then(|| {
+                (
+                    loops::event_loops(new.runtime.worker_threads),
+                    self.loops.current(),
+                )
+            })
+            .filter(|(total, current)| *total != current.count());
+        let loops = match resize.map(|(total, current)| current.resized(total)) {
+            None => None,
+            Some(Ok(l)) => Some(l),
+            Some(Err(e)) => {
+                tracing::error!(
+                    runtime.worker_threads = new.runtime.worker_threads,
+                    error = %e,
+                    "reload: cannot start more event loops; keeping the running configuration"
+                );
+                return;
             }
         };
         if let Some(l) = loops {

@@ -284,33 +284,28 @@ fn hand_off(
     shared: Shared,
     held: Held,
 ) {
-    let (permit, drain, serving) = held;
-    let (route, why, serving) = match stream.into_std() {
+    let (route, held, why) = match stream.into_std() {
         Ok(stream) => match to.conns.send(Handoff {
             stream,
             peer,
             arrived,
             route,
             shared,
-            held: (permit, drain, serving),
+            held,
         }) {
             Ok(()) => return,
             // Only a panic there ends a loop's thread.
             Err(mpsc::error::SendError(h)) => {
-                let Handoff {
-                    route,
-                    held: (_, _, serving),
-                    ..
-                } = h;
-                (route, "its event loop has stopped".to_string(), serving)
+                (h.route, h.held, "its event loop has stopped".to_string())
             }
         },
         Err(e) => (
             route,
+            held,
             format!("cannot take it out of the event loop: {e}"),
-            serving,
         ),
     };
+    let (_permit, _drain, serving) = held;
     // Counted on the loop it was meant for, not on this one, where it
     // would be taken off when dropped here.
     std::mem::forget(serving);

@@ -55,8 +55,7 @@ pub(crate) type Held = (OwnedSemaphorePermit, mpsc::Sender<()>, Serving);
 pub(crate) struct Serving;
 
 thread_local! {
-    /// This loop's count; unset on a proxy with one loop, which counts
-    /// nothing.
+    /// This loop's count; unset on a thread that is no event loop.
     static LOAD: std::cell::OnceCell<Arc<Load>> = const { std::cell::OnceCell::new() };
 }
 

@@ -1502,18 +1502,25 @@ async fn connections_are_spread_over_an_event_loop_per_worker_thread() {
     );
 
     // Six held connections: the least busy loop takes each, so two each.
-    let mut held = Vec::new();
-    for _ in 0..6 {
-        let (id, s) = within("served", served_by(addr)).await.expect("served");
-        assert_eq!(id, "b");
-        held.push(s);
-    }
+    let mut held = hold(addr, 6).await;
     let woken = woken_during(pid, &["loop-1", "loop-2"], round_trips(&mut held, 20)).await;
     for (n, w) in ["loop-1", "loop-2"].iter().zip(woken) {
         // 40 round trips for its two connections; its own timer wakes it
         // a few times at most.
         assert!(w >= 20, "{n} woke {w} times: it serves none of them");
     }
+}
+
+/// `n` connections through the proxy at `addr`, each served by backend
+/// "b", held open.
+async fn hold(addr: std::net::SocketAddr, n: usize) -> Vec<TcpStream> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let (id, s) = within("served", served_by(addr)).await.expect("served");
+        assert_eq!(id, "b");
+        held.push(s);
+    }
+    held
 }
 
 /// Round trips of one byte, one connection at a time, so that a loop
@@ -1559,24 +1566,15 @@ async fn a_reload_starts_event_loops_and_retires_them_with_their_connections() {
     let addr = listen_addr(&p.wait_line("\"listening\""));
     let pid = p.child.id();
     assert!(thread_switches(pid, "loop-1").is_none(), "one loop only");
-    let hold = |n: usize| async move {
-        let mut held = Vec::new();
-        for _ in 0..n {
-            let (id, s) = within("served", served_by(addr)).await.expect("served");
-            assert_eq!(id, "b");
-            held.push(s);
-        }
-        held
-    };
     // Two on the main loop, then three loops: the two new ones are the
     // least busy, and take the next connections.
-    let mut first = hold(2).await;
+    let mut first = hold(addr, 2).await;
     reload_to(3);
     p.signal("HUP");
     let (_, changed) = log_fields(&p.wait_line("event loops changed"));
     assert_eq!(changed["event_loops"], 3);
     p.wait_line("configuration reloaded");
-    let mut second = hold(6).await;
+    let mut second = hold(addr, 6).await;
     let woken = woken_during(pid, &["loop-1", "loop-2"], round_trips(&mut second, 20)).await;
     for (n, w) in ["loop-1", "loop-2"].iter().zip(woken) {
         assert!(w >= 20, "{n} woke {w} times: it serves none of them");
@@ -1595,7 +1593,7 @@ async fn a_reload_starts_event_loops_and_retires_them_with_their_connections() {
         "loop-2 woke {} times: its connections went",
         woken[0]
     );
-    let mut third = hold(4).await;
+    let mut third = hold(addr, 4).await;
     let woken = woken_during(pid, &["loop-1", "loop-2"], round_trips(&mut third, 40)).await;
     assert!(
         woken[0] >= 20,
