@@ -62,9 +62,7 @@ pub fn needed(routes: &[RouteConfig]) -> u64 {
 /// listen queue.
 pub fn warn_if_short(routes: &[RouteConfig]) {
     let needed = needed(routes);
-    if let Some(limit) = getrlimit(Resource::Nofile).current
-        && limit < needed
-    {
+    if let Some(limit) = short(getrlimit(Resource::Nofile).current, needed) {
         tracing::warn!(
             limit,
             needed,
@@ -73,5 +71,23 @@ pub fn warn_if_short(routes: &[RouteConfig]) {
              the number given will wait; raise LimitNOFILE (systemd) or the nofile ulimit \
              (containers: --ulimit nofile=N:N), or lower max_connections"
         );
+    }
+}
+
+/// The soft limit `limit` when it is below `needed`; `None` is unlimited.
+fn short(limit: Option<u64>, needed: u64) -> Option<u64> {
+    limit.filter(|&l| l < needed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short;
+
+    #[test]
+    fn a_limit_is_short_only_below_what_is_needed() {
+        assert_eq!(short(Some(1023), 1024), Some(1023));
+        // Exactly enough holds every route at its max_connections.
+        assert_eq!(short(Some(1024), 1024), None);
+        assert_eq!(short(None, u64::MAX), None);
     }
 }

@@ -406,7 +406,74 @@ fn is_per_connection(e: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::{ephemeral_hint_in, privileged_hint_in};
+    use super::{
+        Anchor, Backoff, Duration, Instant, TIMER_ANCHOR, ephemeral_hint_in, privileged_hint_in,
+    };
+    use std::io;
+    use tokio::sync::watch;
+
+    /// An accept that fails for want of descriptors fails again until
+    /// connections close: each failure waits, doubling from 10 ms to a
+    /// second, and the first wait after a success is short again.
+    #[tokio::test(start_paused = true)]
+    async fn accept_failures_back_off_doubling_to_a_second_and_a_success_starts_over() {
+        let (stop, mut stopping) = watch::channel(false);
+        let emfile = io::Error::from_raw_os_error(24);
+        let listen = "127.0.0.1:1".parse().unwrap();
+        let mut b = Backoff::new();
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            let t = Instant::now();
+            assert!(b.after(&emfile, listen, &mut stopping).await);
+            waits.push(t.elapsed().as_millis());
+        }
+        assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
+        b.reset();
+        let t = Instant::now();
+        assert!(b.after(&emfile, listen, &mut stopping).await);
+        assert_eq!(t.elapsed(), Duration::from_millis(10));
+        // A connection gone before it was accepted is passed over at once.
+        let t = Instant::now();
+        let gone = io::Error::from(io::ErrorKind::ConnectionAborted);
+        assert!(b.after(&gone, listen, &mut stopping).await);
+        assert_eq!(t.elapsed(), Duration::ZERO);
+        // A stop ends the wait: the accept loop ends.
+        stop.send(true).unwrap();
+        assert!(!b.after(&emfile, listen, &mut stopping).await);
+    }
+
+    /// When the anchor is due is all it does: one period after a
+    /// connection arrives, again after each period in which one arrived,
+    /// and not at all once a period passes without one, so that an idle
+    /// proxy is never woken by it.
+    #[tokio::test(start_paused = true)]
+    async fn the_timer_anchor_stays_due_while_connections_arrive_and_then_lets_go() {
+        let mut a = Anchor::new();
+        assert!(!a.armed(), "nothing arrived yet");
+        let t0 = Instant::now();
+        a.arrived(t0);
+        assert!(a.armed());
+        assert_eq!(a.sleep.deadline(), t0 + TIMER_ANCHOR);
+        // A second arrival within the period keeps the deadline.
+        tokio::time::advance(TIMER_ANCHOR / 2).await;
+        a.arrived(Instant::now());
+        assert_eq!(a.sleep.deadline(), t0 + TIMER_ANCHOR);
+
+        a.fired().await;
+        assert_eq!(Instant::now(), t0 + TIMER_ANCHOR);
+        assert!(a.armed(), "connections arrived in the period: due again");
+        assert_eq!(a.sleep.deadline(), t0 + 2 * TIMER_ANCHOR);
+        a.fired().await;
+        assert_eq!(Instant::now(), t0 + 2 * TIMER_ANCHOR);
+        assert!(!a.armed(), "a quiet period: let go");
+
+        // The next arrival, however much later, sets it anew.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let t1 = Instant::now();
+        a.arrived(t1);
+        assert!(a.armed());
+        assert_eq!(a.sleep.deadline(), t1 + TIMER_ANCHOR);
+    }
 
     #[test]
     fn a_refused_port_gets_a_hint_only_below_the_unprivileged_start() {

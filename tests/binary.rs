@@ -754,23 +754,46 @@ async fn an_idle_proxy_is_not_woken() {
     }
 }
 
+/// A proxy whose route takes one connection at a time, served by a backend
+/// on `at`, with that one connection held: every other is reset.
+struct AtLimit {
+    _b: Backend,
+    _dir: tempfile::TempDir,
+    p: Running,
+    addr: std::net::SocketAddr,
+    _held: TcpStream,
+}
+
+impl AtLimit {
+    async fn start(at: u8) -> AtLimit {
+        let b = backend(ip(at), "b").await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(dir.path(), ip(at), b.addr.port(), "");
+        add_route_keys(&cfg, "max_connections = 1");
+        let p = Running::spawn(&cfg);
+        let addr = listen_addr(&p.wait_line("\"listening\""));
+        let (id, held) = within("the one allowed", served_by(addr)).await.unwrap();
+        assert_eq!(id, "b");
+        AtLimit {
+            _b: b,
+            _dir: dir,
+            p,
+            addr,
+            _held: held,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejections_over_the_limit_are_summed_and_a_burst_is_logged_when_it_ends() {
-    let b = backend(ip(119), "b").await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = write_config(dir.path(), ip(119), b.addr.port(), "");
-    add_route_keys(&cfg, "max_connections = 1");
-    let p = Running::spawn(&cfg);
-    let addr = listen_addr(&p.wait_line("\"listening\""));
-    let (id, _held) = within("the one allowed", served_by(addr)).await.unwrap();
-    assert_eq!(id, "b");
+    let AtLimit { p, addr, .. } = &AtLimit::start(119).await;
 
     // A burst: the first rejection is logged, then those after it are
     // summed into at most one line a second. The last line comes when its
     // second is over: no later rejection is needed to carry it.
     let burst = std::time::Instant::now();
     for _ in 0..20 {
-        assert_reset(addr).await;
+        assert_reset(*addr).await;
     }
     let took = burst.elapsed();
     let (mut logged, mut lines) = (0, 0);
@@ -786,6 +809,98 @@ async fn rejections_over_the_limit_are_summed_and_a_burst_is_logged_when_it_ends
         lines <= took.as_secs() + 2,
         "{lines} lines for a burst of {took:?}"
     );
+    // Every rejection logged: the shutdown adds no line.
+    p.signal("TERM");
+    let rest = p.lines_until("listener closed");
+    assert!(
+        !rest.iter().any(|l| l.contains("connection limit reached")),
+        "{rest:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejections_not_yet_logged_when_the_listener_closes_are_logged_then() {
+    let AtLimit { p, addr, .. } = &AtLimit::start(207).await;
+    for _ in 0..5 {
+        assert_reset(*addr).await;
+    }
+    // The first rejection is logged at once; the other four wait for the
+    // end of its second, and the shutdown comes first. (Should the second
+    // pass first, they are logged then: the sum is the same.)
+    p.signal("TERM");
+    let lines = p.lines_until("listener closed");
+    let logged: u64 = lines
+        .iter()
+        .filter(|l| l.contains("connection limit reached"))
+        .map(|l| {
+            log_fields(l).1["rejected"]
+                .as_u64()
+                .expect("rejected count")
+        })
+        .sum();
+    assert_eq!(logged, 5, "{lines:#?}");
+}
+
+/// The soft limit on open files of process `pid`, set with prlimit
+/// (util-linux): lowering it needs no privilege, nor raising it back up to
+/// the hard limit.
+fn set_soft_nofile(pid: u32, soft: u64) {
+    let ok = std::process::Command::new("prlimit")
+        .arg(format!("--pid={pid}"))
+        .arg(format!("--nofile={soft}:"))
+        .status()
+        .expect("run prlimit")
+        .success();
+    assert!(ok, "prlimit --pid={pid} --nofile={soft}: failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_listener_backs_off_and_serves_once_they_are_free() {
+    let b = backend(ip(208), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    // No probes and no admin endpoint: nothing opens or closes a
+    // descriptor while the limit is down.
+    let cfg = write_config_admin(
+        dir.path(),
+        ip(208),
+        b.addr.port(),
+        "",
+        "\n[health]\ninterval = \"0s\"\n",
+    );
+    let p = Running::spawn(&cfg);
+    let addr = listen_addr(&p.wait_line("\"listening\""));
+    p.wait_line("alias resolved");
+    let pid = p.child.id();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .expect("the soft limit");
+    // The lowest free descriptor as the limit: the next accept fails with
+    // EMFILE, as when connections have used every descriptor.
+    let open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    set_soft_nofile(pid, lowest_free);
+    let waiting = tokio::spawn(served_by(addr));
+    let (level, f) = log_fields(&p.wait_line("accept failed; backing off"));
+    assert_eq!(level, "WARN");
+    assert!(
+        f["error"].as_str().unwrap().contains("Too many open files"),
+        "{f}"
+    );
+    // The listener stays, and the connection waiting in its queue is
+    // served once descriptors are free again.
+    set_soft_nofile(pid, soft);
+    let (id, _s) = within("the waiting connection", waiting)
+        .await
+        .unwrap()
+        .expect("served, not reset");
+    assert_eq!(id, "b");
+    assert_eq!(id_via(addr).await, "b");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
