@@ -693,6 +693,21 @@ async fn an_admin_endpoint_on_a_socket_from_systemd_refuses_once_moved_and_can_c
     );
     assert_eq!(admin_moved_to(&lines), passed);
     assert_eq!(http_get(passed, "/healthz").await.0, 200);
+
+    // To another form of its address on the same port (the mapped IPv6
+    // one conflicts as 0.0.0.0 would): systemd keeps its socket bound, so
+    // stopping the endpoint would not free the port. The reload is
+    // refused, and the endpoint stays, with no gap.
+    let mapped = format!("[::ffff:127.0.0.199]:{}", passed.port());
+    let moved = with(r, &mapped).replace("[admin]\n", "[admin]\nallow_non_loopback = true\n");
+    std::fs::write(&cfg, moved).unwrap();
+    p.signal("HUP");
+    let lines = p.lines_until("keeping the running configuration");
+    assert!(
+        !lines.iter().any(|l| l.contains("admin endpoint")),
+        "{lines:?}"
+    );
+    assert_eq!(http_get(passed, "/healthz").await.0, 200);
     assert_eq!(id_via(r).await, "ab");
 }
 
