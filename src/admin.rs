@@ -402,4 +402,33 @@ mod tests {
         closed(&mut two, tokio::time::Instant::now()).await;
         assert_eq!(healthz(&mut probe).await, Some(200));
     }
+
+    #[tokio::test]
+    async fn a_connection_that_ended_leaves_the_cap() {
+        let (addr, _stop) = endpoint(Limits {
+            max_connections: 2,
+            idle: Duration::from_secs(600),
+        })
+        .await;
+        // A scraper's kept connection, then probes that each close theirs:
+        // were the ended ones still counted, they would push it out.
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(healthz(&mut kept).await, Some(200));
+        for _ in 0..5 {
+            let mut probe = TcpStream::connect(addr).await.unwrap();
+            probe
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            // One thread runs the test and the endpoint: by the time the
+            // close is read here, the connection's task has ended.
+            let mut reply = Vec::new();
+            tokio::time::timeout(HANG, probe.read_to_end(&mut reply))
+                .await
+                .expect("a reply and a close")
+                .unwrap();
+            assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
+        }
+        assert_eq!(healthz(&mut kept).await, Some(200));
+    }
 }
