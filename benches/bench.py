@@ -270,8 +270,8 @@ class Direct(Mode):
 class HAProxy(Proxied):
     """HAProxy in `mode tcp`. `threads` None leaves `nbthread` out: HAProxy
     2.6 then runs a thread per CPU, its default, to compare with
-    failover-proxy's default threading (`fp-dns-mt`); the ratios stay to
-    the one-thread column."""
+    failover-proxy's default threading (`fp-dns-mt`, `fp-hosts-mt`); the
+    ratios stay to the one-thread column."""
 
     def __init__(self, name="haproxy", threads=1):
         self.name, self.threads = name, threads
@@ -591,7 +591,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="fp-bench-"))
     procs = Procs()
     modes = [Direct(), HAProxy(), FailoverProxy("fp-hosts", "hosts", 1), FailoverProxy("fp-dns", "dns", 1),
-             FailoverProxy("fp-dns-mt", "dns", 0), HAProxy("haproxy-mt", None),
+             FailoverProxy("fp-dns-mt", "dns", 0), FailoverProxy("fp-hosts-mt", "hosts", 0),
+             HAProxy("haproxy-mt", None),
              FailoverProxy("fp-hosts-copy", "hosts", 1, relay="copy")]
     if Nginx.MODULE.exists():
         modes.append(Nginx())
