@@ -336,11 +336,14 @@ impl Server {
 
     /// Spreads the connections accepted from now on over `total` event
     /// loops, this one included: each goes to the one serving the fewest.
-    /// Starts the loops it needs.
-    pub fn spread_over(&mut self, total: usize) -> std::io::Result<()> {
-        let loops = self.loops.current().resized(total)?;
-        self.loops.set(loops);
-        Ok(())
+    /// Starts the loops it needs; true when the count changed.
+    pub fn spread_over(&self, total: usize) -> std::io::Result<bool> {
+        let current = self.loops.current();
+        if total.max(1) == current.count() {
+            return Ok(false);
+        }
+        self.loops.set(current.resized(total)?);
+        Ok(true)
     }
 
     /// The bound address of each route, in configuration order.
@@ -605,35 +608,25 @@ impl Server {
             },
             None => None,
         };
-        // Started after the other steps that can fail: a loop started for a
-        // reload then refused would hold nothing, but would be a thread.
-        let resize = (new.runtime.worker_threads != old.runtime.worker_threads)
-            .then(|| {
-                (
-                    loops::event_loops(new.runtime.worker_threads),
-                    self.loops.current(),
-                )
-            })
-            .filter(|(total, current)| *total != current.count());
-        let loops = match resize.map(|(total, current)| current.resized(total)) {
-            None => None,
-            Some(Ok(l)) => Some(l),
-            Some(Err(e)) => {
-                tracing::error!(
-                    runtime.worker_threads = new.runtime.worker_threads,
-                    error = %e,
-                    "reload: cannot start more event loops; keeping the running configuration"
-                );
-                return;
+        // The last step that can fail: a loop started for a reload then
+        // refused would hold nothing, but would be a thread.
+        if new.runtime.worker_threads != old.runtime.worker_threads {
+            let total = loops::event_loops(new.runtime.worker_threads);
+            match self.spread_over(total) {
+                Ok(false) => {}
+                Ok(true) => tracing::info!(
+                    event_loops = total,
+                    "reload: event loops changed; new connections are spread over them"
+                ),
+                Err(e) => {
+                    tracing::error!(
+                        runtime.worker_threads = new.runtime.worker_threads,
+                        error = %e,
+                        "reload: cannot start more event loops; keeping the running configuration"
+                    );
+                    return;
+                }
             }
-        };
-        if let Some(l) = loops {
-            let n = l.count();
-            self.loops.set(l);
-            tracing::info!(
-                event_loops = n,
-                "reload: event loops changed; new connections are spread over them"
-            );
         }
         if let Some(r) = resolver {
             let mut shared = self.shared.write().unwrap_or_else(|p| p.into_inner());

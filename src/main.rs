@@ -92,7 +92,7 @@ fn run(config: Config, path: config::ConfigPath) -> ExitCode {
                 return ExitCode::from(EXIT_FATAL);
             }
         };
-        let mut server = match Server::bind(config) {
+        let server = match Server::bind(config) {
             Ok(s) => s,
             Err(e) => {
                 fatal(&error_chain(&e));

@@ -761,7 +761,7 @@ struct AtLimit {
     _dir: tempfile::TempDir,
     p: Running,
     addr: std::net::SocketAddr,
-    _held: TcpStream,
+    _held: Vec<TcpStream>,
 }
 
 impl AtLimit {
@@ -772,8 +772,7 @@ impl AtLimit {
         add_route_keys(&cfg, "max_connections = 1");
         let p = Running::spawn(&cfg);
         let addr = listen_addr(&p.wait_line("\"listening\""));
-        let (id, held) = within("the one allowed", served_by(addr)).await.unwrap();
-        assert_eq!(id, "b");
+        let held = hold(addr, 1).await;
         AtLimit {
             _b: b,
             _dir: dir,
@@ -841,6 +840,16 @@ async fn rejections_not_yet_logged_when_the_listener_closes_are_logged_then() {
     assert_eq!(logged, 5, "{lines:#?}");
 }
 
+/// The soft limit on open files of process `pid`, from `/proc`.
+fn soft_nofile(pid: u32) -> u64 {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+        .unwrap_or_else(|| panic!("no soft open-file limit in {limits}"))
+}
+
 /// The soft limit on open files of process `pid`, set with prlimit
 /// (util-linux): lowering it needs no privilege, nor raising it back up to
 /// the hard limit.
@@ -871,12 +880,7 @@ async fn out_of_descriptors_the_listener_backs_off_and_serves_once_they_are_free
     let addr = listen_addr(&p.wait_line("\"listening\""));
     p.wait_line("alias resolved");
     let pid = p.child.id();
-    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let soft: u64 = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .expect("the soft limit");
+    let soft = soft_nofile(pid);
     // The lowest free descriptor as the limit: the next accept fails with
     // EMFILE, as when connections have used every descriptor.
     let open: Vec<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -1202,16 +1206,7 @@ async fn a_low_soft_open_file_limit_is_raised_and_one_too_low_is_named() {
         !lines.iter().any(|l| l.contains("open-file limit is below")),
         "{lines:#?}"
     );
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", p.child.id())).unwrap();
-    let open_files = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap();
-    assert_eq!(
-        open_files.split_whitespace().nth(3),
-        Some("4096"),
-        "{open_files}"
-    );
+    assert_eq!(soft_nofile(p.child.id()), 4096);
     let mut held = Vec::new();
     for _ in 0..400 {
         let (id, s) = within("a held connection", served_by(addr)).await.unwrap();
