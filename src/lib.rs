@@ -726,10 +726,10 @@ impl Server {
         if new.log.level != old.log.level {
             match logging::set_level(&new.log.level) {
                 Ok(logging::LevelChange::Applied) => {
-                    tracing::info!(log.level = %new.log.level, "reload: log level changed");
+                    tracing::info!(log_level = %new.log.level, "reload: log level changed");
                 }
                 Ok(logging::LevelChange::EnvWins) => {
-                    tracing::warn!(log.level = %new.log.level, "reload: log.level not applied: RUST_LOG is set and wins");
+                    tracing::warn!(log_level = %new.log.level, "reload: log.level not applied: RUST_LOG is set and wins");
                 }
                 Err(e) => tracing::error!(error = %e, "reload: log level not changed"),
             }
@@ -737,7 +737,7 @@ impl Server {
         if new.log.format != old.log.format {
             logging::set_format(new.log.format);
             tracing::info!(
-                log.format = new.log.format.as_str(),
+                log_format = new.log.format.as_str(),
                 "reload: log format changed"
             );
         }

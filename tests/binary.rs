@@ -1455,7 +1455,7 @@ async fn a_reload_changes_the_log_level_unless_rust_log_is_set() {
             let changed = logged(&lines, "log level changed");
             assert_eq!(changed.len(), 1, "{lines:?}");
             assert_eq!(changed[0].0, "INFO");
-            assert_eq!(changed[0].1["log.level"], "info");
+            assert_eq!(changed[0].1["log_level"], "info");
             // Only the connection made after the reload is logged.
             assert_eq!(closed.len(), 1, "{lines:?}");
             assert_eq!(closed[0].1["client.addr"], client.to_string());

@@ -751,6 +751,13 @@ async fn sighup_switches_the_log_format_for_the_lines_that_follow() {
     let lines = p.lines_until("configuration reloaded");
     let last = lines.last().unwrap();
     assert!(!is_json(last) && last.contains("INFO"), "{last}");
+    let changed = lines
+        .iter()
+        .find(|l| l.contains("reload: log format changed"));
+    assert!(
+        changed.is_some_and(|l| l.contains(r#"log_format="text""#)),
+        "{lines:?}"
+    );
     // A connection's own line, in the new format.
     assert_eq!(id_via(r).await, "lf");
     let served = p.wait_line("connection closed");
@@ -761,6 +768,13 @@ async fn sighup_switches_the_log_format_for_the_lines_that_follow() {
     let lines = p.lines_until("configuration reloaded");
     let last = lines.last().unwrap();
     assert!(is_json(last), "{last}");
+    let changed = lines
+        .iter()
+        .find(|l| l.contains("reload: log format changed"));
+    assert!(
+        changed.is_some_and(|l| l.contains(r#""log_format":"json""#)),
+        "{lines:?}"
+    );
     assert_eq!(id_via(r).await, "lf");
     let served = p.wait_line("connection closed");
     assert!(is_json(&served), "{served}");
