@@ -363,6 +363,15 @@ fn missing_named_file_and_missing_routes_are_errors() {
         let e = load_file(jail, "nope.toml").expect_err("named file must exist");
         assert!(e.to_string().contains("nope.toml"), "{e}");
         assert!(e.to_string().contains("does not exist"), "{e}");
+        // A directory is there and opens, but is no configuration.
+        let dir = jail.directory().join("conf.d");
+        std::fs::create_dir(&dir).map_err(|e| e.to_string())?;
+        let e = config::load(&ConfigPath::Named(dir, "--config".into()))
+            .expect_err("a directory is not a config file");
+        let p = problems(&e);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].1.contains("conf.d (named by --config)"), "{p:?}");
+        assert_eq!(p[0].2, "does not exist or is not a file");
         let e = config::load(&ConfigPath::Default(jail.directory().join("absent.toml")))
             .expect_err("no route at all");
         assert_eq!(e.problems[0].key, "route");
