@@ -1202,3 +1202,17 @@ fn path_of(prefix: &str, key: &str) -> Vec<String> {
     path.push(key.into());
     path
 }
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn a_parser_message_becomes_one_line_without_its_drawing_or_blank_lines() {
+        let drawn = "TOML parse error at line 6, column 1\n  |\n6 | port = 2\n  | ^\n\nduplicate key `port`\n";
+        assert_eq!(
+            one_line(drawn),
+            r#"TOML parse error at line 6, column 1: in "port = 2": duplicate key `port`"#
+        );
+    }
+}
