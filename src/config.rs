@@ -626,11 +626,13 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
         }
     };
 
-    let routes = r.routes(top);
+    let (routes, listens) = r.routes(top);
     // One address cannot be both: under socket activation each would take
-    // the socket systemd passed for it, and share its connections.
+    // the socket systemd passed for it, and share its connections. Checked
+    // against every route's listen, even a route wrong elsewhere, so that
+    // one run names every problem.
     if let Some(a) = admin.listen.filter(|a| a.port() != 0)
-        && let Some(route) = routes.iter().find(|rc| rc.listen == a)
+        && let Some((_, route)) = listens.iter().find(|(l, _)| *l == a)
     {
         let d = r.section(top, "admin");
         r.problem(
@@ -638,7 +640,7 @@ pub fn from_figment(fig: &Figment) -> Result<Config, ConfigError> {
             "admin",
             "listen",
             None,
-            format!("{a} is the listen of route {}", route.name),
+            format!("{a} is the listen of {route}"),
         );
     }
 
@@ -952,7 +954,9 @@ impl Reader<'_> {
         }
     }
 
-    fn routes(&mut self, top: &Dict) -> Vec<RouteConfig> {
+    /// The valid routes, and every listen address read, with the route it
+    /// belongs to ("route NAME", or "route[i]" when it has no name).
+    fn routes(&mut self, top: &Dict) -> (Vec<RouteConfig>, Vec<(SocketAddr, String)>) {
         let items: &[Value] = match top.get("route") {
             None => &[],
             Some(Value::Array(_, a)) => a,
@@ -966,7 +970,7 @@ impl Reader<'_> {
                         other.to_actual()
                     ),
                 );
-                return Vec::new();
+                return (Vec::new(), Vec::new());
             }
         };
         // An empty array too: a sidecar that serves nothing would start,
@@ -983,6 +987,7 @@ impl Reader<'_> {
         }
         let mut routes = Vec::new();
         let mut listens = HashSet::new();
+        let mut read = Vec::new();
         let mut names = HashSet::new();
         for (i, item) in items.iter().enumerate() {
             let prefix = format!("route[{i}]");
@@ -1003,6 +1008,13 @@ impl Reader<'_> {
             let parsed = self.route(item, d, &prefix);
             // Routes are matched by `listen` on reload, so even two port-0
             // listeners on one IP would be ambiguous.
+            if let Some(listen) = parsed.listen {
+                let route = match &parsed.name {
+                    Some(name) => format!("route {name}"),
+                    None => prefix.clone(),
+                };
+                read.push((listen, route));
+            }
             if let Some(listen) = parsed.listen
                 && !listens.insert(listen)
             {
@@ -1037,7 +1049,7 @@ impl Reader<'_> {
             }
             routes.extend(parsed.config);
         }
-        routes
+        (routes, read)
     }
 
     fn route(&mut self, item: &Value, d: &Dict, p: &str) -> ParsedRoute {

@@ -248,12 +248,44 @@ fn the_admin_endpoint_cannot_listen_where_a_route_does() {
                 .contains("127.0.0.1:41000 is the listen of route mgmt"),
             "{p:?}"
         );
+        // A route wrong elsewhere still clashes: one run names both.
+        jail.create_file(
+            "both.toml",
+            &named.replace("port = 41000", "port = 41000\nconnect_timeout = \"0s\""),
+        )?;
+        let e = load_file(jail, "both.toml").expect_err("must be refused");
+        let mut keys: Vec<String> = problems(&e).into_iter().map(|p| p.0).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["admin.listen", "route[0].connect_timeout"], "{e}");
+        assert!(
+            e.to_string()
+                .contains("127.0.0.1:41000 is the listen of route mgmt"),
+            "{e}"
+        );
         // Another port, or port 0 on both (each draws its own), is fine.
         jail.set_env("FAILOVER_PROXY_ADMIN__LISTEN", "127.0.0.1:41001");
         load_file(jail, "c.toml").map_err(|e| e.to_string())?;
         jail.create_file("zero.toml", &named.replace(":41000\"", ":0\""))?;
         jail.set_env("FAILOVER_PROXY_ADMIN__LISTEN", "127.0.0.1:0");
         load_file(jail, "zero.toml").map_err(|e| e.to_string())?;
+        Ok(())
+    });
+}
+
+#[test]
+fn an_empty_route_name_is_refused_and_not_taken_for_a_duplicate() {
+    Jail::expect_with(|jail| {
+        let unnamed = |port: u16| {
+            format!(
+                "[[route]]\nname = \"\"\nlisten = \"127.0.0.1:{port}\"\nalias = \"a{port}.example\"\nport = 1\n"
+            )
+        };
+        jail.create_file("c.toml", &format!("{}{}", unnamed(41000), unnamed(41001)))?;
+        let e = load_file(jail, "c.toml").expect_err("an empty name");
+        let p = problems(&e);
+        let keys: Vec<&str> = p.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(keys, ["route[0].name", "route[1].name"], "{e}");
+        assert!(p.iter().all(|p| p.2 == "must not be empty"), "{e}");
         Ok(())
     });
 }
