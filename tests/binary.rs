@@ -1102,6 +1102,77 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
     );
 }
 
+/// A log reader that stopped for good (a hung journald) does not hold the
+/// exit: queued lines get 2 s, then the proxy exits. The logging library's
+/// own exit path complains on stdout or stderr, which under systemd are the
+/// same stalled stream, and would block there for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_reader_that_stopped_for_good_does_not_hold_the_exit() {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let b = backend(ip(209), "b").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), ip(209), b.addr.port(), "");
+    // One pipe for stdout and stderr, as journald's stream is.
+    let (out, writer) = std::io::pipe().unwrap();
+    let child = bin()
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(writer.try_clone().unwrap())
+        .stderr(writer)
+        .spawn()
+        .expect("spawn failover-proxy");
+    // Kills the process if the test fails.
+    let mut p = Running {
+        child,
+        lines: std::sync::mpsc::channel().1,
+    };
+    let mut out = std::io::BufReader::new(out);
+    let (mut addr, mut admin) = (None, None);
+    let mut line = String::new();
+    while addr.is_none() || admin.is_none() {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "output closed");
+        if line.contains("\"listening\"") {
+            addr = Some(listen_addr(&line));
+        } else if line.contains("admin endpoint listening") {
+            admin = Some(listen_addr(&line));
+        }
+    }
+    let (addr, admin) = (addr.unwrap(), admin.unwrap());
+
+    // Nobody reads from here on, and the pipe stays open: connections until
+    // lines are dropped, so that the pipe and the proxy's queue are full.
+    let dropped =
+        |scrape: &str| sample(scrape, "failover_proxy_log_lines_dropped_total", &[]).unwrap_or(0.0);
+    while dropped(&scrape(admin).await) == 0.0 {
+        for _ in 0..1000 {
+            assert_eq!(id_via(addr).await, "b");
+        }
+    }
+    // The proxy's writer is blocked now, but a short line may still fit in
+    // the pipe's last page: the pipe is filled to its last byte, through a
+    // non-blocking opening of its own (O_NONBLOCK on the proxy's would
+    // reach the proxy too), as a journald that stopped reading leaves it.
+    let fill = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/proc/self/fd/{}", out.get_ref().as_raw_fd()))
+        .expect("a second opening of the pipe");
+    rustix::io::ioctl_fionbio(&fill, true).unwrap();
+    for chunk in [&[0u8; 4096][..], &[0u8; 1][..]] {
+        loop {
+            match (&fill).write(chunk) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("filling the pipe: {e}"),
+            }
+        }
+    }
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(), 0);
+    drop(out);
+}
+
 #[test]
 fn lines_carry_their_priority_when_stderr_is_the_journal() {
     use std::io::BufRead;
