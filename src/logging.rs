@@ -486,4 +486,68 @@ mod tests {
         assert!(r.settled());
         assert_eq!(r.due(311), None);
     }
+
+    /// Lines written by the layers under test, shared with the test.
+    #[derive(Clone, Default)]
+    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            crate::lock(&self.0).extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Lines {
+        type Writer = Lines;
+
+        fn make_writer(&'a self) -> Lines {
+            self.clone()
+        }
+    }
+
+    /// No span of the proxy's own exists yet, but a dependency's may (hyper
+    /// has them behind a feature): each format keeps a span's fields only if
+    /// [`Switch`] passes the span's creation and later records on to it.
+    #[test]
+    fn both_formats_carry_the_fields_of_the_span_an_event_is_in() {
+        let lines = Lines::default();
+        let format = tracing_subscriber::fmt::format()
+            .with_target(false)
+            .without_time();
+        let text = tracing_subscriber::fmt::layer()
+            .with_writer(lines.clone())
+            .with_ansi(false)
+            .event_format(format.clone());
+        let json = tracing_subscriber::fmt::layer()
+            .with_writer(lines.clone())
+            .fmt_fields(JsonFields::new())
+            .event_format(format.json().flatten_event(true));
+        let subscriber = tracing_subscriber::registry().with(Switch { text, json });
+        tracing::subscriber::with_default(subscriber, || {
+            for format in [LogFormat::Text, LogFormat::Json] {
+                let span = tracing::info_span!("conn", route = "r1", id = tracing::field::Empty);
+                let _in = span.enter();
+                // Recorded after the span was made.
+                span.record("id", 7);
+                set_format(format);
+                tracing::info!("inside");
+            }
+        });
+        set_format(LogFormat::Text);
+        let written = String::from_utf8(crate::lock(&lines.0).clone()).unwrap();
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), 2, "{written}");
+        assert!(
+            lines[0].contains(r#"conn{route="r1" id=7}: inside"#),
+            "{written}"
+        );
+        let json: serde_json::Value = serde_json::from_str(lines[1]).unwrap();
+        assert_eq!(json["span"]["route"], "r1", "{written}");
+        assert_eq!(json["span"]["id"], 7, "{written}");
+    }
 }
