@@ -1021,6 +1021,29 @@ async fn a_dns_server_that_drops_aaaa_queries_is_named_once_and_costs_no_timeout
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_server_that_answers_both_families_is_not_said_to_drop_one() {
+    // Both queries answered, with addresses: no WARN telling the operator
+    // to change resolver.family.
+    let dns = DnsServer::start().await;
+    let b = backend(ip(210), "b").await;
+    dns.records("cluster.test", &[ip(210), "::1".parse().unwrap()]);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_dns_config(dir.path(), dns.addr, b.addr.port(), "");
+    let mut p = Running::spawn(&cfg);
+    let mut lines = p.lines_until("\"listening\"");
+    let addr = listen_addr(lines.last().expect("the line"));
+    for _ in 0..3 {
+        assert_eq!(id_via(addr).await, "b");
+    }
+    stop_cleanly(&mut p, &mut lines);
+    assert_eq!(logged(&lines, "connection closed").len(), 3, "{lines:#?}");
+    assert!(
+        logged(&lines, "DNS query unanswered").is_empty(),
+        "{lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_reader_that_stops_reading_stops_no_connection() {
     use std::io::BufRead;
     let b = backend(ip(128), "b").await;

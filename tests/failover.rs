@@ -962,6 +962,33 @@ async fn a_slow_a_answer_is_waited_for_since_ipv4_comes_first() {
 }
 
 #[tokio::test]
+async fn a_slow_aaaa_answer_is_waited_for_when_the_a_answer_has_no_address() {
+    use failover_proxy::config::{Alias, Family};
+    use std::net::IpAddr;
+
+    // Servers on IPv6 alone, the AAAA record not in the recursive server's
+    // cache: A says "no records" at once, AAAA answers later. Only an A
+    // answer with addresses cuts the wait for AAAA short.
+    let dns = DnsServer::start().await;
+    let v6: IpAddr = "::1".parse().unwrap();
+    dns.set(
+        "slow-aaaa.test",
+        Behavior::Slow(
+            hickory_proto::rr::RecordType::AAAA,
+            Duration::from_millis(200),
+            vec![v6],
+        ),
+    );
+    let r = resolver(dns.addr, None, Family::Any);
+    let got = within(
+        "slow-aaaa.test",
+        r.resolve(&Alias::parse("slow-aaaa.test").unwrap()),
+    )
+    .await;
+    assert_eq!(got.result.expect("slow-aaaa.test").addrs, vec![v6]);
+}
+
+#[tokio::test]
 async fn an_alias_that_is_a_cname_gives_its_targets_addresses_afresh() {
     use failover_proxy::config::{Alias, Family};
     use std::net::IpAddr;
@@ -1129,6 +1156,11 @@ async fn every_nameserver_is_asked_until_one_answers() {
     match resolve(vec![silent.addr, nxdomain.addr]).await {
         Err(ResolveError::NxDomain { .. }) => {}
         other => panic!("nxdomain behind a silent server: {other:?}"),
+    }
+    // A refusal comes from a server that was reached: not "unreachable".
+    match resolve(vec![refused.addr]).await {
+        Err(ResolveError::Other { .. }) => {}
+        other => panic!("refused: {other:?}"),
     }
     // Every server failed: the failure is reported as soon as the last one
     // is in, without waiting out the timeout.
