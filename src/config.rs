@@ -1006,8 +1006,6 @@ impl Reader<'_> {
             // A clash is reported even when another key of either route is
             // wrong, so that one run names every problem.
             let parsed = self.route(item, d, &prefix);
-            // Routes are matched by `listen` on reload, so even two port-0
-            // listeners on one IP would be ambiguous.
             if let Some(listen) = parsed.listen {
                 let route = match &parsed.name {
                     Some(name) => format!("route {name}"),
@@ -1015,6 +1013,8 @@ impl Reader<'_> {
                 };
                 read.push((listen, route));
             }
+            // Routes are matched by `listen` on reload, so even two port-0
+            // listeners on one IP would be ambiguous.
             if let Some(listen) = parsed.listen
                 && !listens.insert(listen)
             {
