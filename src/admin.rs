@@ -319,6 +319,16 @@ mod tests {
             .ok()
     }
 
+    /// Everything the endpoint sends on `s` until it closes it.
+    async fn reply_until_closed(s: &mut TcpStream) -> Vec<u8> {
+        let mut reply = Vec::new();
+        tokio::time::timeout(HANG, s.read_to_end(&mut reply))
+            .await
+            .expect("a reply and a close")
+            .unwrap();
+        reply
+    }
+
     /// Waits for the endpoint to close `s`; how long since `from` that was.
     async fn closed(s: &mut TcpStream, from: tokio::time::Instant) -> Duration {
         let mut buf = [0u8; 64];
@@ -372,11 +382,7 @@ mod tests {
         closed(&mut kept, tokio::time::Instant::now()).await;
         closed(&mut other, tokio::time::Instant::now()).await;
         begun.write_all(b"\r\n").await.unwrap();
-        let mut reply = Vec::new();
-        tokio::time::timeout(HANG, begun.read_to_end(&mut reply))
-            .await
-            .expect("a reply and a close")
-            .unwrap();
+        let reply = reply_until_closed(&mut begun).await;
         assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
     }
 
@@ -422,11 +428,7 @@ mod tests {
                 .unwrap();
             // One thread runs the test and the endpoint: by the time the
             // close is read here, the connection's task has ended.
-            let mut reply = Vec::new();
-            tokio::time::timeout(HANG, probe.read_to_end(&mut reply))
-                .await
-                .expect("a reply and a close")
-                .unwrap();
+            let reply = reply_until_closed(&mut probe).await;
             assert!(reply.starts_with(b"HTTP/1.1 200"), "{reply:?}");
         }
         assert_eq!(healthz(&mut kept).await, Some(200));

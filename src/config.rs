@@ -986,8 +986,7 @@ impl Reader<'_> {
             );
         }
         let mut routes = Vec::new();
-        let mut listens = HashSet::new();
-        let mut read = Vec::new();
+        let mut read: Vec<(SocketAddr, String)> = Vec::new();
         let mut names = HashSet::new();
         for (i, item) in items.iter().enumerate() {
             let prefix = format!("route[{i}]");
@@ -1007,24 +1006,22 @@ impl Reader<'_> {
             // wrong, so that one run names every problem.
             let parsed = self.route(item, d, &prefix);
             if let Some(listen) = parsed.listen {
+                // Routes are matched by `listen` on reload, so even two
+                // port-0 listeners on one IP would be ambiguous.
+                if read.iter().any(|(l, _)| *l == listen) {
+                    self.problem(
+                        d,
+                        &prefix,
+                        "listen",
+                        None,
+                        format!("{listen} is used by an earlier route"),
+                    );
+                }
                 let route = match &parsed.name {
                     Some(name) => format!("route {name}"),
                     None => prefix.clone(),
                 };
                 read.push((listen, route));
-            }
-            // Routes are matched by `listen` on reload, so even two port-0
-            // listeners on one IP would be ambiguous.
-            if let Some(listen) = parsed.listen
-                && !listens.insert(listen)
-            {
-                self.problem(
-                    d,
-                    &prefix,
-                    "listen",
-                    None,
-                    format!("{listen} is used by an earlier route"),
-                );
             }
             if let Some(name) = parsed.name
                 && !names.insert(name.clone())

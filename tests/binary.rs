@@ -1043,6 +1043,25 @@ async fn a_dns_server_that_answers_both_families_is_not_said_to_drop_one() {
     );
 }
 
+/// The route's address and the admin endpoint's, read from the log lines
+/// of a proxy started by [`Running::spawn_unread`] with one route.
+fn route_and_admin(
+    out: &mut impl std::io::BufRead,
+) -> (std::net::SocketAddr, std::net::SocketAddr) {
+    let (mut addr, mut admin) = (None, None);
+    let mut line = String::new();
+    while addr.is_none() || admin.is_none() {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "output closed");
+        if line.contains("\"listening\"") {
+            addr = Some(listen_addr(&line));
+        } else if line.contains("admin endpoint listening") {
+            admin = Some(listen_addr(&line));
+        }
+    }
+    (addr.unwrap(), admin.unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_reader_that_stops_reading_stops_no_connection() {
     use std::io::BufRead;
@@ -1051,18 +1070,7 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
     let cfg = write_config(dir.path(), ip(128), b.addr.port(), "");
     // Running kills the process if the test fails; its lines are read here.
     let (mut p, mut stderr) = Running::spawn_unread(bin().arg("--config").arg(&cfg));
-    let (mut addr, mut admin) = (None, None);
-    let mut line = String::new();
-    while addr.is_none() || admin.is_none() {
-        line.clear();
-        assert!(stderr.read_line(&mut line).unwrap() > 0, "stderr closed");
-        if line.contains("\"listening\"") {
-            addr = Some(listen_addr(&line));
-        } else if line.contains("admin endpoint listening") {
-            admin = Some(listen_addr(&line));
-        }
-    }
-    let (addr, admin) = (addr.unwrap(), admin.unwrap());
+    let (addr, admin) = route_and_admin(&mut stderr);
 
     // Nobody reads stderr from here on: a pipe holds a few hundred lines,
     // the proxy's queue some thousands, and each connection logs one.
@@ -1131,38 +1139,15 @@ async fn a_log_reader_that_stops_reading_stops_no_connection() {
 /// same stalled stream, and would block there for ever.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_reader_that_stopped_for_good_does_not_hold_the_exit() {
-    use std::io::{BufRead, Write};
+    use std::io::Write;
     use std::os::fd::AsRawFd;
     let b = backend(ip(209), "b").await;
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), ip(209), b.addr.port(), "");
-    // One pipe for stdout and stderr, as journald's stream is.
-    let (out, writer) = std::io::pipe().unwrap();
-    let child = bin()
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(writer.try_clone().unwrap())
-        .stderr(writer)
-        .spawn()
-        .expect("spawn failover-proxy");
-    // Kills the process if the test fails.
-    let mut p = Running {
-        child,
-        lines: std::sync::mpsc::channel().1,
-    };
-    let mut out = std::io::BufReader::new(out);
-    let (mut addr, mut admin) = (None, None);
-    let mut line = String::new();
-    while addr.is_none() || admin.is_none() {
-        line.clear();
-        assert!(out.read_line(&mut line).unwrap() > 0, "output closed");
-        if line.contains("\"listening\"") {
-            addr = Some(listen_addr(&line));
-        } else if line.contains("admin endpoint listening") {
-            admin = Some(listen_addr(&line));
-        }
-    }
-    let (addr, admin) = (addr.unwrap(), admin.unwrap());
+    // stdout and stderr on one pipe, as journald's stream is; Running
+    // kills the process if the test fails.
+    let (mut p, mut out) = Running::spawn_unread(bin().arg("--config").arg(&cfg));
+    let (addr, admin) = route_and_admin(&mut out);
 
     // Nobody reads from here on, and the pipe stays open: connections until
     // lines are dropped, so that the pipe and the proxy's queue are full.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, ChildStderr, Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -654,19 +654,22 @@ impl Running {
         Running { child, lines }
     }
 
-    /// Spawns `cmd` with its stderr given to the caller, who reads it by
-    /// hand (or stops reading it) instead of a thread: the returned
-    /// `Running` only kills the process when dropped, and its `lines` get
-    /// nothing.
-    pub fn spawn_unread(cmd: &mut Command) -> (Running, BufReader<ChildStderr>) {
-        let mut child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+    /// Spawns `cmd` with its stdout and stderr on one pipe, as journald's
+    /// stream is, given to the caller, who reads it by hand (or stops
+    /// reading it) instead of a thread: the returned `Running` only kills
+    /// the process when dropped, and its `lines` get nothing.
+    pub fn spawn_unread(cmd: &mut Command) -> (Running, BufReader<io::PipeReader>) {
+        let (out, writer) = io::pipe().expect("a pipe");
+        let child = cmd
+            .stdout(writer.try_clone().expect("a second write end"))
+            .stderr(writer)
             .spawn()
             .expect("spawn failover-proxy");
-        let stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        // The command's copies of the write end: closed, so that only the
+        // process holds it.
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let lines = std_mpsc::channel().1;
-        (Running { child, lines }, stderr)
+        (Running { child, lines }, BufReader::new(out))
     }
 
     /// Waits for a log line containing `needle`; the timeout only stops a hang.
