@@ -475,11 +475,11 @@ def unit_seconds(v):
 
 
 def cpu_ticks(pid):
-    """User plus system clock ticks of a process, its ended threads included."""
+    """User and system clock ticks of a process, its ended threads included."""
     if pid is None:
         return None
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]), int(fields[12])
 
 
 def machine_ticks():
@@ -506,13 +506,18 @@ def wrk(tag, port, close, pid=None):
     idle_pct = 100 * (idle_after - idle_before) / max(1, all_after - all_before)
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     count = int(re.search(r"(\d+) requests in", out).group(1))
-    cpu_us = None
+    cpu_us = user_pct = None
     if pid is not None and count:
-        cpu_us = (after - before) / os.sysconf("SC_CLK_TCK") * 1e6 / count
+        user, system = after[0] - before[0], after[1] - before[1]
+        cpu_us = (user + system) / os.sysconf("SC_CLK_TCK") * 1e6 / count
+        # The share a proxy could save by doing nothing in user space at
+        # all: the rest is the kernel's TCP work, which any relay that
+        # ends both connections pays.
+        user_pct = 100 * user / max(1, user + system)
     errors = re.search(r"Socket errors: (.*)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     lat = {p: unit_seconds(v) for p, v in re.findall(r"^\s+(50|99)%\s+(\S+)$", out, re.M)}
-    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"), "cpu_us": cpu_us, "idle_pct": idle_pct,
+    return {"rps": rps, "p50": lat.get("50"), "p99": lat.get("99"), "cpu_us": cpu_us, "user_pct": user_pct, "idle_pct": idle_pct,
             "errors": (errors.group(1) if errors else "") + (f" non2xx={non2xx.group(1)}" if non2xx else "")}
 
 
@@ -631,10 +636,12 @@ def main():
                     rec(mode, "ka_p50", ka["p50"])
                     rec(mode, "ka_p99", ka["p99"])
                     rec(mode, "ka_cpu_us", ka["cpu_us"])
+                    rec(mode, "ka_user", ka["user_pct"])
                     rec(mode, "ka_idle", ka["idle_pct"])
                     nc = wrk(f"{tag}-newconn", ports["http"], close=True, pid=pid)
                     rec(mode, "nc_rps", nc["rps"])
                     rec(mode, "nc_cpu_us", nc["cpu_us"])
+                    rec(mode, "nc_user", nc["user_pct"])
                     rec(mode, "nc_idle", nc["idle_pct"])
                     if ka["errors"].strip() or nc["errors"].strip():
                         print(f"  wrk errors: keepalive {ka['errors']!r} newconn {nc['errors']!r}", flush=True)
@@ -672,6 +679,8 @@ ROWS = [
     ("nc_rps", f"new connections/s (Connection: close, {CONNS} conns)", "{:,.0f}", True),
     ("ka_cpu_us", "proxy CPU per keep-alive request (µs)", "{:.1f}", False),
     ("nc_cpu_us", "proxy CPU per new connection (µs)", "{:.1f}", False),
+    ("ka_user", "proxy CPU in user space, keep-alive (%)", "{:.1f}", None),
+    ("nc_user", "proxy CPU in user space, new connections (%)", "{:.1f}", None),
     ("ka_idle", "machine idle during the keep-alive run (%)", "{:.1f}", None),
     ("nc_idle", "machine idle during the new-connection run (%)", "{:.1f}", None),
     ("idle_kib", f"memory per idle connection (KiB, {IDLE} held before the load runs)", "{:.2f}", False),
