@@ -931,61 +931,52 @@ async fn a_family_whose_query_goes_unanswered_does_not_hold_back_the_other() {
     }
 }
 
+/// What a resolver for either family gives for `name` when the server
+/// answers its `late` query 200 ms after the other, with `addrs`.
+async fn resolved_with_one_family_late(
+    name: &str,
+    late: hickory_proto::rr::RecordType,
+    addrs: Vec<std::net::IpAddr>,
+) -> Vec<std::net::IpAddr> {
+    use failover_proxy::config::{Alias, Family};
+    let dns = DnsServer::start().await;
+    dns.set(
+        name,
+        Behavior::Slow(late, Duration::from_millis(200), addrs),
+    );
+    let r = resolver(dns.addr, None, Family::Any);
+    let got = within(name, r.resolve(&Alias::parse(name).unwrap())).await;
+    got.result.expect(name).addrs
+}
+
 #[tokio::test]
 async fn a_slow_a_answer_is_waited_for_since_ipv4_comes_first() {
-    use failover_proxy::config::{Alias, Family};
-    use std::net::IpAddr;
-
     // The AAAA record cached at the recursive server, the A record not:
     // AAAA answers first. The connection must still get the IPv4 servers,
     // first, or a host without IPv6 routes would fail every attempt.
-    let dns = DnsServer::start().await;
-    let v6: IpAddr = "::1".parse().unwrap();
-    dns.set(
+    let v6: std::net::IpAddr = "::1".parse().unwrap();
+    let got = resolved_with_one_family_late(
         "slow-a.test",
-        Behavior::Slow(
-            hickory_proto::rr::RecordType::A,
-            Duration::from_millis(200),
-            vec![ip(7), v6],
-        ),
-    );
-    let r = std::sync::Arc::new(
-        failover_proxy::resolve::Resolver::new(&resolver_config(vec![dns.addr], Family::Any))
-            .expect("resolver"),
-    );
-    let got = within(
-        "slow-a.test",
-        r.resolve(&Alias::parse("slow-a.test").unwrap()),
+        hickory_proto::rr::RecordType::A,
+        vec![ip(7), v6],
     )
     .await;
-    assert_eq!(got.result.expect("slow-a.test").addrs, vec![ip(7), v6]);
+    assert_eq!(got, vec![ip(7), v6]);
 }
 
 #[tokio::test]
 async fn a_slow_aaaa_answer_is_waited_for_when_the_a_answer_has_no_address() {
-    use failover_proxy::config::{Alias, Family};
-    use std::net::IpAddr;
-
     // Servers on IPv6 alone, the AAAA record not in the recursive server's
     // cache: A says "no records" at once, AAAA answers later. Only an A
     // answer with addresses cuts the wait for AAAA short.
-    let dns = DnsServer::start().await;
-    let v6: IpAddr = "::1".parse().unwrap();
-    dns.set(
+    let v6: std::net::IpAddr = "::1".parse().unwrap();
+    let got = resolved_with_one_family_late(
         "slow-aaaa.test",
-        Behavior::Slow(
-            hickory_proto::rr::RecordType::AAAA,
-            Duration::from_millis(200),
-            vec![v6],
-        ),
-    );
-    let r = resolver(dns.addr, None, Family::Any);
-    let got = within(
-        "slow-aaaa.test",
-        r.resolve(&Alias::parse("slow-aaaa.test").unwrap()),
+        hickory_proto::rr::RecordType::AAAA,
+        vec![v6],
     )
     .await;
-    assert_eq!(got.result.expect("slow-aaaa.test").addrs, vec![v6]);
+    assert_eq!(got, vec![v6]);
 }
 
 #[tokio::test]
